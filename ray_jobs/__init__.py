@@ -1,0 +1,1 @@
+"""medbalance jobs: each is ``python -m ray_jobs.<job>`` and ``ray job submit``-able."""

