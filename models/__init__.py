@@ -8,4 +8,7 @@ Every classifier has ``forward_features(x)`` (B x 3 x H x W -> B x D features) a
 """
 from models.registry import create_model, list_models, register_model
 
+# Importing the model files registers their names (timm style); nothing else is exported.
+from models import adsr_resnet, cabnet, lrf_cnn, resnet, se_resnet, srm_resnet  # noqa: F401, E402
+
 __all__ = ["create_model", "list_models", "register_model"]
