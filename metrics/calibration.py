@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medbalance.errors import DataError
 from metrics.inputs import as_probs, as_scores, as_targets
 
 N_BINS = 15
@@ -91,11 +92,18 @@ def fit_temperature(logits: object, targets: object, *, max_iter: int = 100) -> 
         max_iter: L-BFGS iterations.
 
     Returns:
-        T as a Python float, clipped to [0.01, 100] with a warning: when every validation sample
-        is classified correctly, the NLL keeps falling as T -> 0 and has no finite minimum.
+        T as a Python float. When the NLL keeps falling towards a bound (e.g. T -> infinity when
+        every sample is misclassified), T is clipped to [0.01, 100] with a warning.
+
+    Raises:
+        DataError: every sample is classified correctly (the NLL falls as T -> 0: no minimum).
     """
     logits = as_scores(logits, "logits")
     targets = as_targets(targets, *logits.shape)
+    if bool((logits.argmax(dim=1) == targets).all()):
+        raise DataError(f"fit_temperature: all {len(targets)} validation samples are classified correctly, so "
+                        "the NLL keeps falling as T -> 0 and has no minimum to fit. Use a larger validation "
+                        "split, or skip temperature scaling (T = 1).")
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-9, tolerance_change=1e-12)
@@ -111,8 +119,8 @@ def fit_temperature(logits: object, targets: object, *, max_iter: int = 100) -> 
     low, high = TEMPERATURE_BOUNDS
     if not low <= temperature <= high:
         warnings.warn(f"fitted temperature {temperature:.3g} clipped to [{low}, {high}]: the validation NLL "
-                      "has no finite minimum (e.g. every validation sample correct); use a larger "
-                      "validation split for calibration.", stacklevel=2)
+                      "has no minimum inside (e.g. most validation samples misclassified); check the "
+                      "model and use a larger validation split for calibration.", stacklevel=2)
         temperature = min(max(temperature, low), high)
     return temperature
 

@@ -47,10 +47,10 @@ def write_report(out_dir: str | Path, probs: object, targets: object, class_name
         The dict written to report.json: ``compute_metrics``'s keys, plus "title", "files" (plot
         names) and, when given, "calibration" and "extra".
     """
-    out_dir = Path(out_dir)
     if "://" in str(out_dir):
         raise ConfigError(f"write_report writes to a local directory, got {out_dir}; write locally and "
                           "copy the folder to remote storage (the evaluate job does).")
+    out_dir = Path(out_dir)
     report = compute_metrics(probs, targets, class_names)
     report["title"] = title
     if calibration is not None:
