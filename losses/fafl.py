@@ -12,6 +12,12 @@ Defaults alpha0 = 1, beta0 = 2, m = 0.5 (DESIGN 4.3; the authors' notebook used 
 0.5 / 3.0 / 1.0). ``counts="batch"`` (default, the paper) takes n_k from the mini-batch;
 ``counts="dataset"`` takes n_k from ``class_counts`` (stable under small batches).
 
+Direction of the offset (flagged, not changed): f is largest for the rarest class and is *added*
+to that class's logit in every row, so during training the rare classes get a head start that the
+model's raw logits z (used at test time) do not have: the opposite direction to logit adjustment
+(z + tau * log prior, log prior most negative for rare classes) and LDAM (margin subtracted from the
+rare true class). Implemented as DESIGN 4.3 states; worth checking against the authors' code.
+
 Numerics: computed in float32 from log-softmax; log(1 - p) comes from a logsumexp over the other
 classes (exact where p rounds to 1), and (1 - p_hat)^beta = exp(beta * log(1 - p_hat)), so the value
 and the gradient stay finite at logits of +/-1e4 and under bf16 autocast. Departure from the

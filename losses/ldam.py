@@ -18,6 +18,7 @@ sharp; use s = 1 there (then max_m is a margin in logit units).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ def _epoch_param(value: object) -> int | None:
     """None / -1 -> None; an integer >= 0 (or an integral float, as Tune may send) -> int."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value != int(value) or value < -1:
         raise ConfigError(f"loss 'ldam': drw_epoch must be an integer epoch >= 0, or None / -1 to disable "
                           f"DRW; got {value!r}.")
