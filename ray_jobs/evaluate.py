@@ -1,0 +1,108 @@
+"""Evaluate a checkpoint on a split: report.json, report.md and plots.
+
+    python -m ray_jobs.evaluate --checkpoint runs/r18-cws/checkpoint_... --data runs/data/retina \
+        --split test --out runs/r18-cws/eval [--calibrate] [--num-actors 2] [--gpu]
+
+``--checkpoint`` also takes a run folder (its ``result.json``'s best checkpoint is used).
+``--calibrate`` fits temperature scaling on the val split's logits (LBFGS) and reports ECE and Brier
+before and after. ``--out`` may be local or ``s3://``: the report is written to a local temp folder
+and copied there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+from medbalance.errors import ConfigError
+from ray_jobs.checkpoint import load_checkpoint
+from ray_jobs.cli import run_main
+from shards import storage
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint directory/file as given, or a run folder's best checkpoint."""
+    fs, path = storage.resolve(uri)
+    if storage.exists(fs, f"{path}/result.json", uri):
+        best = json.loads(storage.read_bytes(fs, f"{path}/result.json", uri))["best_checkpoint"]
+        if not best:
+            raise ConfigError(f"{uri}/result.json names no best checkpoint (did the run finish an epoch?)")
+        return best
+    return uri
+
+
+def copy_dir(local_dir: str, out_uri: str) -> None:
+    """Copy a local folder's files to a storage URI (each file written atomically)."""
+    fs, root = storage.resolve(out_uri)
+    storage.ensure_dir(fs, root, out_uri)
+    for name in sorted(os.listdir(local_dir)):
+        with open(os.path.join(local_dir, name), "rb") as f:
+            storage.write_bytes_atomic(fs, f"{root}/{name}", f.read(), storage.join(out_uri, name))
+
+
+def evaluate(checkpoint: str, data: str, split: str, out: str, *, calibrate: bool = False,
+             num_actors: int = 1, use_gpu: bool = False) -> dict:
+    """Compute the report of ``checkpoint`` on ``split``; returns the report dict."""
+    from metrics.calibration import calibration_summary, fit_temperature
+    from metrics.report import write_report
+    from ray_jobs.inference import split_logits
+    from shards import read_manifest
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)
+    manifest = read_manifest(data)
+    if manifest.class_names != state["class_names"]:
+        raise ConfigError(f"{data} has classes {manifest.class_names} but the checkpoint was trained on "
+                          f"{state['class_names']}")
+    image_size = state["config"]["data"]["image_size"]
+    kwargs = dict(num_actors=num_actors, use_gpu=use_gpu)
+    logits, targets = split_logits(checkpoint, data, split, image_size, **kwargs)
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    calibration = None
+    if calibrate:
+        val_logits, val_targets = split_logits(checkpoint, data, "val", image_size, **kwargs)
+        temperature = fit_temperature(val_logits, val_targets)
+        calibration = calibration_summary(logits, targets, temperature)
+        probs = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
+    title = f"{state['config']['model']} + {state['config']['loss']} on {split}"
+    extra = {"checkpoint": checkpoint, "data": data, "split": split, "epoch": state.get("epoch")}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = write_report(tmp, probs, targets, manifest.class_names, title=title, extra=extra,
+                              calibration=calibration)
+        copy_dir(tmp, out)
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir/file, or a run folder")
+    p.add_argument("--data", required=True, help="dataset URI")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help="report folder (local or s3://)")
+    p.add_argument("--calibrate", action="store_true", help="temperature scaling fitted on val")
+    p.add_argument("--num-actors", type=int, default=1, help="model replicas in the Ray Data actor pool")
+    p.add_argument("--gpu", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metrics.report import format_table
+    from ray_jobs.train import init_ray
+
+    args = get_args_parser().parse_args(argv)
+    init_ray()
+    report = evaluate(args.checkpoint, args.data, args.split, args.out, calibrate=args.calibrate,
+                      num_actors=args.num_actors, use_gpu=args.gpu)
+    print(format_table(report))
+    print(f"report: {storage.join(args.out, 'report.json')} (Markdown: report.md; plots: "
+          "confusion_matrix.png, reliability_diagram.png, per_class_recall.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    from ray_jobs import evaluate as _module
+    sys.exit(run_main(_module.main))

@@ -1,0 +1,62 @@
+"""Batch inference with Ray Data: a pool of model actors over ``map_batches`` (CPU or GPU).
+
+Used by ``ray_jobs.evaluate`` (a split of a shard dataset) and ``ray_jobs.predict`` (shards or an
+image folder). Each actor loads the checkpoint once (``weights_only=True``) and turns batches of
+uint8 images into logits.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medbalance.errors import DataError
+from ray_jobs.checkpoint import load_checkpoint, model_from_checkpoint
+from ray_jobs.data import normalize, preprocess_batch
+
+
+class Predictor:
+    """Ray Data actor: ``{"image": uint8 N x 3 x S x S, ...}`` -> the same batch plus ``logits`` (N x C)."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool = False, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = model_from_checkpoint(load_checkpoint(checkpoint, map_location="cpu")).to(self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        with torch.inference_mode():
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+            logits = self.model(normalize(images)).float().cpu().numpy()
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["logits"] = logits
+        return out
+
+
+def logits_dataset(ds, checkpoint: str, image_size: int, *, num_actors: int = 1, use_gpu: bool = False,
+                   batch_size: int = 64):
+    """Encoded rows (``image``, ``label``, ``source``) -> rows with ``logits``, by an actor pool."""
+    ds = ds.map_batches(preprocess_batch, batch_size=batch_size,
+                        fn_kwargs=dict(image_size=image_size, augment="none", train=False, keep_source=True))
+    return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu},
+                          batch_size=batch_size, compute=_actor_pool(num_actors),
+                          num_gpus=1 if use_gpu else 0, num_cpus=1)
+
+
+def _actor_pool(num_actors: int):
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=max(1, num_actors))
+
+
+def split_logits(checkpoint: str, data_uri: str, split: str, image_size: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """All logits (N x C) and labels (N) of one split of a shard dataset."""
+    from shards import ray_dataset
+
+    ds = ray_dataset(data_uri, split, columns=["image", "label", "source"])
+    rows = logits_dataset(ds, checkpoint, image_size, **kwargs).select_columns(["logits", "label"])
+    logits, labels = [], []
+    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+        logits.append(np.stack(batch["logits"]).astype(np.float32))
+        labels.append(np.asarray(batch["label"], np.int64))
+    if not logits:
+        raise DataError(f"split {split!r} of {data_uri} has no rows")
+    return np.concatenate(logits), np.concatenate(labels)
