@@ -158,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-          f"channels_last={args.channels_last}, steps={args.steps}, num_classes={NUM_CLASSES}")
+          f"channels_last={args.channels_last}, steps={args.steps}, num_classes={NUM_CLASSES}, "
+          f"load average at start {os.getloadavg()[0]:.1f}")
     results: dict[int, dict[str, dict]] = {}
     for size in args.sizes:
         batch = args.batch or DEFAULT_BATCH.get(size, 4)
         results[size] = bench_size(args.models, size, batch, args.steps, args.channels_last)
 
+    print(f"# load average at end {os.getloadavg()[0]:.1f} (other processes share these cores)")
     print("\n| model | size | batch | params | GFLOPs/img (fwd) | train ms/img (median) |")
     print("|---|---:|---:|---:|---:|---:|")
     for size, rows in results.items():

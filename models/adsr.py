@@ -20,7 +20,8 @@ z_c = w_c1 * mu_c + w_c2 * sigma_c (a depthwise (2, 1) conv, no bias), then BN, 
 (This variant is ours, not the paper's: for users who cannot afford ~4M parameters per module.)
 
 PSF (spatial axis). s = [max_c x; mean_c x; std_c x] (B x 3 x H x W). Each branch is
-BN(conv k x k (3 -> 1, no bias, "same" padding)), BN momentum 0.01, no ReLU;
+BN(conv k x k (3 -> 1, no bias, "same" padding)), BN momentum 0.01, no ReLU (the branches are
+computed as one stacked convolution, see PSF);
 
     PSF(x) = x * sigmoid(mean over the listed kernels k of branch_k(s))
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medbalance.errors import ConfigError
@@ -67,14 +69,32 @@ def _depthwise_bn_relu(channels: int, kernel_size: int) -> nn.Sequential:
     )
 
 
+class StyleMix(nn.Conv2d):
+    """Conv2d(C, C, kernel (2, 1)) on the B x C x 2 x 1 style tensor; output B x C x 1 x 1.
+
+    ``depthwise=False``: the paper's full conv (with bias), every channel of the half mixed.
+    ``depthwise=True``: SRM's channel-wise combination w_c1 * mu_c + w_c2 * sigma_c (no bias).
+    On a 2 x 1 input the convolution has one output position, so it is computed as the equivalent
+    matrix product (B x 2C @ 2C x C) or per-channel weighted sum: the same function and parameters
+    as the Conv2d (so names and shapes match the authors' layer), 1.5-7x faster on CPU.
+    """
+
+    def __init__(self, channels: int, depthwise: bool) -> None:
+        super().__init__(channels, channels, kernel_size=(2, 1),
+                         groups=channels if depthwise else 1, bias=not depthwise)
+
+    def forward(self, style: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            mixed = F.linear(style.flatten(1), self.weight.flatten(1), self.bias)  # B x C
+            return mixed[:, :, None, None]
+        return (style * self.weight.view(1, -1, 2, 1)).sum(dim=2, keepdim=True)
+
+
 def _style_mix(channels: int, mode: str) -> nn.Module:
     """B x C x 2 x 1 (mean, std) -> B x C x 1 x 1 pre-sigmoid gate."""
     if mode == "faithful":
-        return nn.Conv2d(channels, channels, kernel_size=(2, 1), bias=True)
-    return nn.Sequential(  # SRM's channel-wise fully connected layer + BN
-        nn.Conv2d(channels, channels, kernel_size=(2, 1), groups=channels, bias=False),
-        nn.BatchNorm2d(channels),
-    )
+        return StyleMix(channels, depthwise=False)
+    return nn.Sequential(StyleMix(channels, depthwise=True), nn.BatchNorm2d(channels))
 
 
 class GSA(nn.Module):
@@ -109,7 +129,7 @@ class GSA(nn.Module):
         x1, x2 = torch.split(x, self.split, dim=1)  # B x C1 x H x W, B x C2 x H x W
         g1 = torch.sigmoid(self.mix1(channel_style(self.local1(x1))))  # B x C1 x 1 x 1
         g2 = torch.sigmoid(self.mix2(channel_style(self.local2(x2))))  # B x C2 x 1 x 1
-        return x * torch.cat([g1, g2], dim=1)
+        return x * torch.cat([g1, g2], dim=1).to(x.dtype)
 
 
 class PSF(nn.Module):
@@ -119,6 +139,13 @@ class PSF(nn.Module):
         kernels: branch kernel sizes, averaged (odd, >= 1); repeats reuse one branch.
 
     Shapes: B x C x H x W (C >= 2) -> B x C x H x W.
+
+    Layout: one ``Conv2d(3, 1, k, bias=False)`` per distinct k in ``convs`` and one
+    ``BatchNorm2d(n_distinct, momentum=0.01)`` in ``norm`` whose channel i is branch i's BN (a BN
+    normalises each channel on its own, so this equals n separate BatchNorm2d(1)). The branch
+    convs run as ONE convolution whose weight stacks the kernels zero-padded to the largest size:
+    the same function (the padding is constant, its gradient is dropped) in one call, where
+    PyTorch's CPU path for separate 3 -> 1 convolutions is slow.
     """
 
     def __init__(self, kernels: Sequence[int] = (1, 3, 7)) -> None:
@@ -131,24 +158,31 @@ class PSF(nn.Module):
             raise ConfigError(f"psf_kernels={kernels!r}: need a non-empty list of odd ints >= 1, "
                               f"e.g. (1, 3, 7) or the authors' (1, 3, 3)")
         self.kernels = kernels
-        self.branches = nn.ModuleDict({
-            f"k{k}": nn.Sequential(
-                nn.Conv2d(3, 1, k, padding=k // 2, bias=False),
-                nn.BatchNorm2d(1, momentum=PSF_BN_MOMENTUM),
-            )
-            for k in dict.fromkeys(kernels)  # unique, in order
-        })
+        distinct = list(dict.fromkeys(kernels))  # in order
+        self.convs = nn.ModuleDict(
+            {f"k{k}": nn.Conv2d(3, 1, k, padding=k // 2, bias=False) for k in distinct})
+        self.norm = nn.BatchNorm2d(len(distinct), momentum=PSF_BN_MOMENTUM)
+        # How often each distinct branch is listed, / len(kernels): the averaging weights.
+        self.register_buffer("branch_weights", torch.tensor(
+            [kernels.count(k) / len(kernels) for k in distinct]).view(1, -1, 1, 1),
+            persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out) convs; BN weight 0 and bias 0, so the initial gate is 0.5."""
         _init_convs_and_norms(self, norm_weight=0.0)
 
+    def branch_maps(self, style: torch.Tensor) -> torch.Tensor:
+        """B x 3 x H x W -> B x n_distinct x H x W: BN_k(conv_k(style)) for each distinct k."""
+        size = max(self.kernels)
+        weight = torch.cat([F.pad(conv.weight, [(size - conv.kernel_size[0]) // 2] * 4)
+                            for conv in self.convs.values()])  # n x 3 x size x size
+        return self.norm(F.conv2d(style, weight, padding=size // 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        style = pixel_style(x)  # B x 3 x H x W
-        outputs = {name: branch(style) for name, branch in self.branches.items()}  # B x 1 x H x W
-        fused = sum(outputs[f"k{k}"] for k in self.kernels) / len(self.kernels)
-        return x * torch.sigmoid(fused)
+        maps = self.branch_maps(pixel_style(x))  # B x n x H x W
+        fused = (maps * self.branch_weights.to(maps.dtype)).sum(dim=1, keepdim=True)
+        return x * torch.sigmoid(fused).to(x.dtype)  # gate: B x 1 x H x W
 
 
 class ADSR(nn.Module):
