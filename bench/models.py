@@ -10,7 +10,10 @@ A model is a registered name, optionally with options: ``adsr_resnet50:gsa=chann
 For every input size all models are built first, then timed round-robin (step 1 of every
 model, step 2 of every model, ...) so that load from other processes hits them alike; each
 model gets one warm-up step, and the reported time is the median over ``--steps`` steps of one
-training step (forward, ``logits.sum().backward()``; no optimizer) divided by the batch size.
+training step (forward, ``logits.sum().backward()``; no optimizer) divided by the batch size,
+both wall-clock and process CPU time (``time.process_time``; on a shared machine the CPU time is
+the steadier number with ``--threads 1``). Ratios are paired: the median over rounds of
+(model step / resnet50 step in the same round), and the round order rotates.
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass of one image (it counts
 convolutions and matrix products, x2 for multiply-add; BN, activations, pooling and the style
 statistics are not counted). Then the ratios to resnet50 and the ADSR time goal (faithful
@@ -38,6 +41,8 @@ NUM_CLASSES = 7  # ISIC2018
 DEFAULT_MODELS = ["resnet18", "resnet34", "resnet50", "adsr_resnet18", "adsr_resnet34",
                   "adsr_resnet50", "adsr_resnet50:gsa=channelwise", "se_resnet50", "srm_resnet50",
                   "cabnet50", "lrf_cnn"]
+PARAMS_MODELS = DEFAULT_MODELS[:7] + ["adsr_resnet50:psf_kernels=(1,3,3)",
+                                      "adsr_resnet18:gsa=channelwise"] + DEFAULT_MODELS[7:]
 DEFAULT_BATCH = {224: 4, 64: 8}
 RATIOS = [("adsr_resnet50", "resnet50"), ("adsr_resnet50:gsa=channelwise", "resnet50"),
           ("lrf_cnn", "resnet50")]
@@ -91,11 +96,12 @@ def count_flops(model: torch.nn.Module, size: int) -> int:
     return counter.get_total_flops()
 
 
-def train_step(model: torch.nn.Module, images: torch.Tensor) -> float:
+def train_step(model: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """One forward + backward; returns (wall seconds, process CPU seconds)."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     model(images).sum().backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_size(specs: list[str], size: int, batch: int, steps: int,
@@ -107,16 +113,25 @@ def bench_size(specs: list[str], size: int, batch: int, steps: int,
     for spec in specs:
         model = build(spec)
         rows[spec] = {"size": size, "batch": batch, "params": count_params(model),
-                      "flops_per_image": count_flops(model, size), "step_s": []}
+                      "flops_per_image": count_flops(model, size), "step_s": [], "cpu_s": []}
         models[spec] = model.to(memory_format=memory_format).train()
     for spec, model in models.items():  # warm-up
         train_step(model, images)
-    for _ in range(steps):
-        for spec, model in models.items():
-            rows[spec]["step_s"].append(train_step(model, images))
+    order = list(models)
+    for step in range(steps):  # round-robin, starting one model later each round
+        for spec in order[step % len(order):] + order[:step % len(order)]:
+            wall, cpu = train_step(models[spec], images)
+            rows[spec]["step_s"].append(wall)
+            rows[spec]["cpu_s"].append(cpu)
     for row in rows.values():
         row["ms_per_image"] = 1000 * statistics.median(row["step_s"]) / batch
+        row["cpu_ms_per_image"] = 1000 * statistics.median(row["cpu_s"]) / batch
     return rows
+
+
+def paired_ratio(num: dict, den: dict, key: str) -> float:
+    """Median over rounds of num/den for the same round (steps taken seconds apart)."""
+    return statistics.median(a / b for a, b in zip(num[key], den[key]))
 
 
 def fmt_count(n: float) -> str:
@@ -127,20 +142,27 @@ def fmt_count(n: float) -> str:
 
 
 def print_params_table(specs: list[str]) -> None:
-    print(f"| model | parameters (num_classes={NUM_CLASSES}) | vs resnet50 |")
-    print("|---|---:|---:|")
+    """Markdown table: parameters, ratio to resnet50, and what ADSR adds to its plain ResNet."""
     counts = {spec: count_params(build(spec)) for spec in specs}
-    base = counts.get("resnet50") or count_params(build("resnet50"))
-    for spec, n in counts.items():
-        print(f"| `{spec}` | {n:,} | {n / base:.2f}x |")
+    for base in {parse_spec(s)[0].removeprefix("adsr_") for s in specs} | {"resnet50"}:
+        if base not in counts and base in list_models():
+            counts.setdefault(base, count_params(build(base)))
+    print(f"| model | parameters (num_classes={NUM_CLASSES}) | vs resnet50 | added by ADSR |")
+    print("|---|---:|---:|---:|")
+    for spec in specs:
+        name = parse_spec(spec)[0]
+        added = (f"+{counts[spec] - counts[name.removeprefix('adsr_')]:,}"
+                 if name.startswith("adsr_") else "")
+        ratio = counts[spec] / counts["resnet50"]
+        print(f"| `{spec}` | {counts[spec]:,} | {ratio:.2f}x | {added} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 64])
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+    parser.add_argument("--models", nargs="+", default=None,
                         help=f"registered names ({', '.join(list_models())}), optionally "
-                             "name:key=value,...")
+                             "name:key=value,... (default: all, plus adsr_resnet50 channelwise)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median)")
     parser.add_argument("--batch", type=int, default=None,
                         help=f"batch size for every size (default {DEFAULT_BATCH}, else 4)")
@@ -153,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.params_only:
-        print_params_table(args.models)
+        print_params_table(args.models or PARAMS_MODELS)
         return 0
+    args.models = args.models or DEFAULT_MODELS
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, "
@@ -166,24 +189,29 @@ def main(argv: list[str] | None = None) -> int:
         results[size] = bench_size(args.models, size, batch, args.steps, args.channels_last)
 
     print(f"# load average at end {os.getloadavg()[0]:.1f} (other processes share these cores)")
-    print("\n| model | size | batch | params | GFLOPs/img (fwd) | train ms/img (median) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| model | size | batch | params | GFLOPs/img (fwd) | train ms/img (wall, median) "
+          "| train CPU ms/img (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for size, rows in results.items():
         for spec, row in rows.items():
             print(f"| `{spec}` | {size} | {row['batch']} | {fmt_count(row['params'])} | "
-                  f"{row['flops_per_image'] / 1e9:.2f} | {row['ms_per_image']:.1f} |")
+                  f"{row['flops_per_image'] / 1e9:.2f} | {row['ms_per_image']:.1f} | "
+                  f"{row['cpu_ms_per_image']:.1f} |")
 
-    print("\n| ratio | size | time | params | FLOPs |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| ratio | size | time (wall) | time (CPU) | params | FLOPs |")
+    print("|---|---:|---:|---:|---:|---:|")
     ratios = []
     for size, rows in results.items():
         for num, den in RATIOS:
             if num in rows and den in rows:
-                r = {key: rows[num][key] / rows[den][key]
-                     for key in ("ms_per_image", "params", "flops_per_image")}
+                r = {"ms_per_image": paired_ratio(rows[num], rows[den], "step_s"),
+                     "cpu_ms_per_image": paired_ratio(rows[num], rows[den], "cpu_s"),
+                     "params": rows[num]["params"] / rows[den]["params"],
+                     "flops_per_image": rows[num]["flops_per_image"] / rows[den]["flops_per_image"]}
                 ratios.append({"ratio": f"{num} / {den}", "size": size, **r})
                 print(f"| `{num}` / `{den}` | {size} | {r['ms_per_image']:.2f}x | "
-                      f"{r['params']:.2f}x | {r['flops_per_image']:.2f}x |")
+                      f"{r['cpu_ms_per_image']:.2f}x | {r['params']:.2f}x | "
+                      f"{r['flops_per_image']:.2f}x |")
 
     faithful = [r for r in ratios if r["ratio"] == "adsr_resnet50 / resnet50"]
     if faithful:
@@ -191,13 +219,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in faithful:
             verdict = "MET" if r["ms_per_image"] <= TIME_GOAL else "NOT MET"
             print(f"Goal (faithful adsr_resnet50 training step <= {TIME_GOAL}x resnet50) at "
-                  f"{r['size']}: {verdict} ({r['ms_per_image']:.2f}x)")
+                  f"{r['size']}: {verdict} ({r['ms_per_image']:.2f}x wall, "
+                  f"{r['cpu_ms_per_image']:.2f}x CPU time)")
             if verdict == "NOT MET":
                 cheap = [c for c in ratios if c["size"] == r["size"]
                          and c["ratio"] == "adsr_resnet50:gsa=channelwise / resnet50"]
                 if cheap:
                     print(f"  gsa='channelwise' at {r['size']}: {cheap[0]['ms_per_image']:.2f}x "
-                          f"time, {cheap[0]['params']:.2f}x params")
+                          f"wall, {cheap[0]['cpu_ms_per_image']:.2f}x CPU time, "
+                          f"{cheap[0]['params']:.2f}x params")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "ratios": ratios,
                                          "threads": torch.get_num_threads(),

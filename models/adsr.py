@@ -1,8 +1,8 @@
 """ADSR module = PSF(GSA(x)): global style-based adaptation, then pixel-wise style-based fusion.
 
-Paper 1 (ADSR-Net, see DESIGN 4.1). Written from the paper's description and a reading of the
-authors' public code (not copied). Both parts are gates: they rescale their input and keep its
-shape, B x C x H x W -> B x C x H x W.
+Paper 1 (ADSR-Net). Written from DESIGN 4.1, which summarises the paper and the authors' public
+code. Both parts are gates: they rescale their input and keep its shape,
+B x C x H x W -> B x C x H x W.
 
 GSA (channel axis). Split the channels into x1 = the first C1 = C // 2 and x2 = the other
 C2 = C - C1 (odd C works). For each half i, with k_1 = 3 and k_2 = 7:
@@ -14,7 +14,7 @@ C2 = C - C1 (odd C works). For each half i, with k_1 = 3 and k_2 = 7:
     GSA(x) = x * concat(g_1, g_2)                                    (the ORIGINAL x is gated)
 
 The (2, 1) conv mixes every channel of its half: 2 * C_i^2 + C_i weights, ~4.2M for C = 2048.
-``gsa="channelwise"`` replaces it by SRM's channel-wise combination (Lee et al., ICCV 2019, Eq. 4-5):
+``gsa="channelwise"`` replaces it by SRM's style integration (Lee et al., ICCV 2019, Sec. 3.2):
 z_c = w_c1 * mu_c + w_c2 * sigma_c (a depthwise (2, 1) conv, no bias), then BN, then sigmoid:
 4 * C_i weights per half. The depthwise branches are kept in both forms; only the mixing differs.
 (This variant is ours, not the paper's: for users who cannot afford ~4M parameters per module.)
@@ -31,7 +31,8 @@ exactly: a repeated kernel size reuses one branch, it does not build a second on
 
 Init (``reset_parameters``): convs Kaiming-normal (fan_out, ReLU gain), conv biases 0; BN weight 1,
 bias 0, except PSF's BNs whose weight is 0, so the initial PSF gate is sigmoid(0) = 0.5 exactly
-(and PSF's convs receive zero gradient until the BN weights move off 0).
+(and PSF's convs receive zero gradient until the BN weights move off 0). Departure: the GSA conv
+bias starts at 0 (PyTorch's default would be uniform in +-1/sqrt(2 C_i)).
 """
 from __future__ import annotations
 

@@ -13,15 +13,14 @@ loaded with ``pretrained=PATH``.
 Init: torchvision's (Kaiming-normal fan_out convs, BN weight 1 / bias 0), then every ADSR module
 is re-initialised by ``ADSR.reset_parameters`` (same rule, but PSF BN weights 0: gate 0.5).
 
-Parameter cost of the faithful GSA: 16 modules in ADSR-ResNet-50 add ~20.7M parameters to
-ResNet-50's ~23.5M (num_classes=7); ``gsa="channelwise"`` adds ~0.2M. See docs/models.md.
+Parameter cost: the 16 modules of ADSR-ResNet-50 add 20.6M parameters to ResNet-50's 23.5M
+(num_classes=7); ``gsa="channelwise"`` adds 0.53M. See docs/models.md.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from models.adsr import ADSR
 from models.registry import register_model
@@ -29,7 +28,10 @@ from models.resnet import BasicBlock, Bottleneck, ResNet, block_with_options
 
 
 class ADSRBasicBlock(BasicBlock):
-    """torchvision BasicBlock + ADSR after ``bn2``; B x inplanes x H x W -> B x planes x H/s x W/s."""
+    """torchvision BasicBlock + ADSR after ``bn2``.
+
+    Shapes: B x inplanes x H x W -> B x planes x H/stride x W/stride.
+    """
 
     def __init__(self, *args, gsa: str = "faithful", psf_kernels: Sequence[int] = (1, 3, 7),
                  **kwargs) -> None:
@@ -44,7 +46,10 @@ class ADSRBasicBlock(BasicBlock):
 
 
 class ADSRBottleneck(Bottleneck):
-    """torchvision Bottleneck + ADSR after ``bn3``; B x inplanes x H x W -> B x 4planes x H/s x W/s."""
+    """torchvision Bottleneck + ADSR after ``bn3``.
+
+    Shapes: B x inplanes x H x W -> B x 4 planes x H/stride x W/stride.
+    """
 
     def __init__(self, *args, gsa: str = "faithful", psf_kernels: Sequence[int] = (1, 3, 7),
                  **kwargs) -> None:

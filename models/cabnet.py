@@ -1,17 +1,18 @@
 """CABNet-50 (He, Li, Li, Wang, Fu, "CABNet: Category Attention Block for Imbalanced Diabetic
-Retinopathy Grading", IEEE TMI 40(1), 2021), on a torchvision-layout ResNet-50 backbone.
+Retinopathy Grading", IEEE Transactions on Medical Imaging, 2021), on a torchvision-layout
+ResNet-50 backbone.
 
     F  = ResNet-50 stages(x)                                   B x 2048 x h x w
     F' = GAB(F); F'' = CAB(F'); f = GAP(F'')                   f: B x 2048
     logits = fc(f)                                             B x num_classes
 
-Global Attention Block (paper Sec. II-B; authors' Keras code ``Global_attention_block``):
+Global Attention Block (the paper's GAB; authors' Keras code ``Global_attention_block``):
     channel attention  a = sigmoid(conv1x1(ReLU(conv1x1(GAP(F)))))      B x C x 1 x 1
                        F_c = F * a
     spatial attention  s = sigmoid(mean_c(F_c))                         B x 1 x h x w
                        GAB(F) = F_c * s
 
-Category Attention Block (paper Sec. II-C; ``Category_attention_block``), L classes, k maps each:
+Category Attention Block (the paper's CAB; ``Category_attention_block``), L classes, k maps each:
     G = ReLU(BN(conv1x1(F', C -> k*L)))                 B x kL x h x w; channel l*k + j is map j
                                                          of class l
     S_l = (1/k) sum_j GMP(G_{l,j})                      B x L         class importance
@@ -24,8 +25,12 @@ Departures, all from reading the authors' code and the issue:
   both convs (C -> C -> C, ~8.4M parameters at C = 2048). We follow the code (``gab_reduction=1``)
   and offer ``gab_reduction=r`` (C -> C/r -> C).
 - The authors' CAB conv has a bias followed by BN (a no-op pair); ours has no bias.
-- The authors' backbones are Keras ImageNet models (their main results: MobileNet/DenseNet); we use
-  the torchvision ResNet-50 layout so ``pretrained=PATH`` takes a torchvision ResNet-50 file.
+- The authors' code takes a Keras ImageNet backbone (its train.py defaults to MobileNet); we use
+  the torchvision ResNet-50 layout (as the issue asks) so ``pretrained=PATH`` takes a torchvision
+  ResNet-50 file.
+- Kept as in the code: M is not normalised (no sigmoid/softmax), so CAB's output scales like the
+  cube of its input; with untrained BN running statistics (eval mode right after init) the
+  logits can be large. Training mode and trained statistics are fine.
 - CAB depends on the number of classes, so ``reset_classifier`` rebuilds CAB (fresh init) as well
   as ``fc``, and ``num_classes`` must be >= 1.
 """

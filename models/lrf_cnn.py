@@ -46,7 +46,10 @@ FUSION_SCALE = 0.1
 
 
 class DepthwiseSeparable(nn.Sequential):
-    """Depthwise k x k conv (groups = Cin) then pointwise 1x1 conv; B x Cin x H x W -> B x Cout x H x W."""
+    """Depthwise k x k conv (groups = Cin), then pointwise 1x1 conv.
+
+    Shapes: B x Cin x H x W -> B x Cout x H x W.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
                  bias: bool = False) -> None:
@@ -123,7 +126,8 @@ class LRFCNN(nn.Module):
         self.num_features = LRF_STAGES[-1][-1][1]  # 384
         self.head_drop = nn.Dropout(drop_rate)
         self.attention = nn.Sequential(
-            nn.Linear(self.num_features, 512), nn.ReLU(inplace=True), nn.Linear(512, 1), nn.Sigmoid())
+            nn.Linear(self.num_features, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, 1), nn.Sigmoid())
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -95,7 +95,8 @@ def _adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, model_name: str = "model") -> LoadReport:
+def load_pretrained(model: nn.Module, path: str | os.PathLike,
+                    model_name: str = "model") -> LoadReport:
     """Copy matching tensors of a local state-dict file into ``model`` (in place).
 
     Args:

@@ -4,10 +4,11 @@ Networks", ICCV 2019).
 Style-based recalibration, applied to the residual branch of every Bottleneck after ``bn3`` and
 before the residual add (as the paper's SRM-ResNet):
 
-    t_c = [mu_c, sigma_c]                         B x C x 2   style pooling (Eq. 1-2; std =
-                                                              sqrt(unbiased var + 1e-5))
-    z_c = w_c . t_c                               B x C       channel-wise fully connected (Eq. 4)
-    g_c = sigmoid(BN(z_c))                        B x C       (Eq. 5-6)
+    t_c = [mu_c, sigma_c]                         B x C x 2   style pooling (Sec. 3.1; std =
+                                                              sqrt(unbiased var + 1e-5) as in
+                                                              the authors' code)
+    z_c = w_c . t_c                               B x C       channel-wise fully connected (CFC)
+    g_c = sigmoid(BN(z_c))                        B x C       style integration (Sec. 3.2)
     out = x * g                                   B x C x H x W
 
 ``cfc`` (C x 2, no bias) starts at zero as in the authors' code, so the initial gate is

@@ -1,7 +1,7 @@
 """Style pooling: first and second moments of a feature map, along space or along channels.
 
 "Style" statistics (mean and standard deviation) as used by SRM (Lee et al., "SRM: A Style-based
-Recalibration Module for Convolutional Neural Networks", ICCV 2019, Eq. 1-2) and by ADSR's GSA
+Recalibration Module for Convolutional Neural Networks", ICCV 2019, Sec. 3.1) and by ADSR's GSA
 (over H*W, per channel) and PSF (over channels, per pixel).
 
 Both use std = sqrt(unbiased variance + eps), eps = 1e-5 (so a constant input gives
@@ -19,7 +19,8 @@ import torch
 STYLE_EPS = 1e-5
 
 
-def _mean_std(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(x: torch.Tensor, dims: tuple[int, ...],
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-pass mean and std over ``dims`` (keepdim), in float32.
 
     Two passes (mean, then the mean of squared deviations) rather than ``torch.var_mean``: the
@@ -37,7 +38,7 @@ def _mean_std(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> tuple[torch
 
 
 def channel_style(x: torch.Tensor, eps: float = STYLE_EPS) -> torch.Tensor:
-    """Per-channel mean and std over H*W (SRM Eq. 1-2; GSA's style pooling).
+    """Per-channel mean and std over H*W (SRM Sec. 3.1; GSA's style pooling).
 
     Args:
         x: B x C x H x W.
