@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED ?= 0
 export AWS_EC2_METADATA_DISABLED ?= true
+# Ray's session files go here, not /tmp/ray (short path: Ray's socket paths are length-limited).
+export RAY_TMPDIR ?= /tmp/medbalance-ray-$(shell id -u)
 
 .PHONY: install demo test test-fast bench clean
 
@@ -21,9 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	@mkdir -p $(RAY_TMPDIR)
 	$(PY) -m ray_jobs.demo $(DEMO_ARGS)
 
 test: $(STAMP)
+	@mkdir -p $(RAY_TMPDIR)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -50,6 +50,7 @@ class DataSection:
     sampling: str = "none"           # none | class_balanced | sqrt
     include_synthetic: bool = True   # rows written by the GAN job
     batch_size: int = 32             # per worker
+    shuffle_buffer: int = 256        # rows in each worker's local shuffle buffer (0: no shuffle)
     eval_batch_size: int = 64
 
 
@@ -89,7 +90,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint_metric: str = "val_macro_f1"
     checkpoint_mode: str = "max"
-    fault_injection: dict = dataclasses.field(default_factory=dict)  # test hook: kill_rank, kill_epoch, marker
+    # Test hooks: {"kill_rank": 1, "kill_epoch": 1, "marker": PATH} kills that worker once;
+    # {"nan_epoch": E} makes the loss NaN at epoch E, step 0.
+    fault_injection: dict = dataclasses.field(default_factory=dict)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
 
@@ -159,14 +162,22 @@ def all_agree_finite(loss: torch.Tensor) -> bool:
     return bad.item() == 0
 
 
-def evaluate_shard(model, shard, batch_size: int, device, autocast_dtype,
+def evaluate_shard(model, dataset, batch_size: int, device, autocast_dtype,
                    num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N x C) and labels (N) of a split: each worker's part, gathered from all workers."""
+    """Logits (N x C) and labels (N) of a whole split, gathered from all workers.
+
+    ``dataset`` is NOT split by Ray Train (its equal split drops rows); worker ``r`` scores every
+    ``world``-th batch starting at ``r``, so every row is scored exactly once.
+    """
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     model.eval()
     logits = [torch.zeros(0, num_classes)]
     labels = [torch.zeros(0, dtype=torch.long)]
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        for index, batch in enumerate(dataset.iter_torch_batches(batch_size=batch_size, device=device)):
+            if index % world != rank:
+                continue
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = model(normalize(batch["image"]))
             logits.append(out.float().cpu())
@@ -176,7 +187,7 @@ def evaluate_shard(model, shard, batch_size: int, device, autocast_dtype,
 
 def _maybe_inject_fault(hooks: dict, rank: int, epoch: int) -> None:
     """Test hook: kill this worker's process once (``marker`` records that it happened)."""
-    if not hooks or rank != hooks.get("kill_rank", 1) or epoch != hooks.get("kill_epoch", 1):
+    if "marker" not in hooks or rank != hooks.get("kill_rank", 1) or epoch != hooks.get("kill_epoch", 1):
         return
     marker = hooks["marker"]
     if not os.path.exists(marker):
@@ -192,7 +203,8 @@ def train_loop_per_worker(config: dict) -> dict:
             ``cpus_per_worker`` filled in by the driver.
 
     Returns:
-        ``{"status": "ok"|"non_finite", "message": ..., "epochs_done": N}`` (the driver reads it).
+        ``{"status": "ok"|"non_finite", "message": ..., "start_epoch": N}`` (the driver reads it;
+        ``start_epoch`` > 0 when the run resumed from a checkpoint).
     """
     import ray.train
     import ray.train.torch
@@ -245,21 +257,28 @@ def train_loop_per_worker(config: dict) -> dict:
         criterion.set_epoch(epoch)
         model.train()
         started, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
-        for step, batch in enumerate(train_shard.iter_torch_batches(batch_size=cfg.data.batch_size,
-                                                                    device=device, drop_last=False)):
+        # Shuffle in the worker (a rolling buffer): a dataset-wide shuffle op would be a barrier
+        # that holds every batch back until the whole epoch is decoded.
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.data.batch_size, device=device, drop_last=False,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed + 1000 * epoch + rank) if cfg.reproducible else None)
+        for step, batch in enumerate(batches):
             images, target = normalize(batch["image"]), batch["label"].long()
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(images)
             loss = criterion(logits.float(), target)
+            if epoch == cfg.fault_injection.get("nan_epoch") and step == 0:
+                loss = loss * float("nan")
             if not all_agree_finite(loss):
                 message = (f"non-finite loss ({loss.item()}) at epoch {epoch} step {step} on rank {rank}; "
                            "training stopped, the last good checkpoint is kept. Lower the learning rate, "
                            "add --set optim.clip_grad_norm=1.0, or check the data.")
                 if rank == 0:
                     print(f"[medbalance] {message}", flush=True)
-                return {"status": "non_finite", "message": message, "epochs_done": epoch}
+                return {"status": "non_finite", "message": message, "start_epoch": start_epoch}
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.optim.clip_grad_norm:
@@ -272,7 +291,8 @@ def train_loop_per_worker(config: dict) -> dict:
             loss_sum += loss.item() * len(target)
         train_seconds = time.perf_counter() - started
 
-        logits, labels = evaluate_shard(model, val_shard, cfg.data.eval_batch_size, device, autocast_dtype,
+        # The bare module: DDP's forward is a collective, and workers score different batch counts.
+        logits, labels = evaluate_shard(bare, val_shard, cfg.data.eval_batch_size, device, autocast_dtype,
                                         len(class_names))
         probs = torch.softmax(logits, dim=1).numpy()
         val = compute_metrics(probs, labels.numpy(), class_names=class_names)
@@ -301,7 +321,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
-    return {"status": "ok", "message": "", "epochs_done": cfg.epochs}
+    return {"status": "ok", "message": "", "start_epoch": start_epoch}
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -315,6 +335,28 @@ def has_results(cfg: TrainConfig) -> bool:
         return False
     import pyarrow.fs as pafs
     return any(True for _ in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+def latest_checkpoint(cfg: TrainConfig):
+    """The newest complete checkpoint of the run (``checkpoint_<timestamp>`` names sort by time).
+
+    Ray Train restores a run on its own only when the earlier driver ended cleanly; after a killed
+    driver it would start over, so the job hands this checkpoint to the trainer itself.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from ray_jobs.checkpoint import CHECKPOINT_FILE
+
+    fs, path = storage.resolve(run_dir_uri(cfg))
+    if not storage.exists(fs, path, run_dir_uri(cfg)):
+        return None
+    dirs = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    for directory in reversed(dirs):
+        if storage.exists(fs, f"{directory}/{CHECKPOINT_FILE}"):
+            return ray.train.Checkpoint(directory, filesystem=fs)
+    return None
 
 
 def init_ray() -> None:
@@ -345,8 +387,6 @@ def build_datasets(cfg: TrainConfig, manifest) -> dict:
                         columns=["image", "label", "source", "synthetic"])
     train = train.map_batches(preprocess_batch, batch_size=64, fn_kwargs=dict(
         common, train=True, rates=rates, seed=cfg.seed if cfg.reproducible else None))
-    if not cfg.reproducible:
-        train = train.randomize_block_order(seed=None)
     val = ray_dataset(cfg.data.uri, "val", columns=["image", "label", "source"])
     val = val.map_batches(preprocess_batch, batch_size=64, fn_kwargs=dict(common, train=False))
     return {"train": train, "val": val}
@@ -403,6 +443,9 @@ def fit(cfg: TrainConfig, resume: str = "auto") -> dict:
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=cfg.checkpoint_metric,
                 checkpoint_score_order=cfg.checkpoint_mode)),
         datasets=build_datasets(cfg, manifest),
+        # Only train is split; validation is scored whole (see evaluate_shard).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        resume_from_checkpoint=latest_checkpoint(cfg) if existing else None,
     )
     started = time.perf_counter()
     result = trainer.fit()
@@ -416,6 +459,7 @@ def fit(cfg: TrainConfig, resume: str = "auto") -> dict:
         "last_checkpoint": checkpoint_uri(cfg, result.checkpoint) if result.checkpoint else None,
         "epochs": int(result.metrics["epoch"]) + 1 if result.metrics else 0,
         "epochs_requested": cfg.epochs,
+        "started_at_epoch": outcome.get("start_epoch", 0),
         "checkpoint_metric": cfg.checkpoint_metric,
         "seconds": round(time.perf_counter() - started, 1),
         "class_names": manifest.class_names, "data": cfg.data.uri,

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -130,19 +131,45 @@ def s3_env(s3_server) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One embedded local Ray for the whole session (2 CPUs; Ray's temp files in a temp dir)."""
+def ray_cluster(s3_server, tmp_path_factory):
+    """One real local Ray cluster for the session: `ray start --head --block` (127.0.0.1, with the
+    job-submission dashboard) as a child process, and this process connected to it.
+
+    All Ray tests share it (starting Ray costs ~15 s; a second Ray instance on the machine also
+    confuses Ray Train's clean-up, which looks for "the" local cluster). Its workers get the
+    AWS_* variables of the test S3 server, so jobs can use s3:// storage. Yields a dict with
+    ``address`` (GCS), ``dashboard`` (for `ray job submit`) and ``ray``.
+    """
     import ray
 
-    tmp = Path("/tmp") / f"mbray-{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths are length-limited
-    tmp.mkdir()
-    os.environ["RAY_TMPDIR"] = str(tmp)
-    ray.init(num_cpus=int(os.environ.get("MEDBALANCE_TEST_CPUS", "2")), include_dashboard=False,
-             _temp_dir=str(tmp), log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "AWS_EC2_METADATA_DISABLED": "true"}})
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix="mbray-", dir="/tmp"))  # short: socket paths are length-limited
+    port, dashboard = free_port_with_grpc(), free_port()
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, **s3_env(s3_server), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": address}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={os.environ.get('MEDBALANCE_TEST_CPUS', '2')}", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp}",
+           "--disable-usage-stats"]
+    log = open(tmp_path_factory.mktemp("ray") / "head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                ray.init(address=address, log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError):
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ray start --head did not come up; see {log.name}")
+                time.sleep(1)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "ray": ray, "env": env}
+    finally:
+        ray.shutdown()
+        stop_process_group(proc, timeout=60)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- data
