@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from medbalance.errors import ConfigError, TrainingError
 from ray_jobs import config as config_lib
-from ray_jobs.checkpoint import save_checkpoint
+from ray_jobs.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from ray_jobs.cli import run_main
 from ray_jobs.data import normalize
 from shards import storage
@@ -213,6 +213,7 @@ def train_loop_per_worker(config: dict) -> dict:
     from models import create_model
 
     class_names, class_counts = config.pop("class_names"), config.pop("class_counts")
+    resume_from = config.pop("resume_from", None)
     cfg = config_lib.from_dict(TrainConfig, config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -236,11 +237,14 @@ def train_loop_per_worker(config: dict) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step / steps_per_epoch, cfg.optim, cfg.epochs))
 
-    start_epoch = 0
+    start_epoch, state = 0, None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # Ray's own: after a worker failure, or a run it restored
         with checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(os.path.join(ckpt_dir, "checkpoint.pt"), map_location=device, weights_only=True)
+            state = torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location=device, weights_only=True)
+    elif resume_from:  # the newest checkpoint of an interrupted earlier run
+        state = load_checkpoint(resume_from, map_location=device)
+    if state is not None:
         bare.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -341,10 +345,10 @@ def latest_checkpoint(cfg: TrainConfig):
     """The newest complete checkpoint of the run (``checkpoint_<timestamp>`` names sort by time).
 
     Ray Train restores a run on its own only when the earlier driver ended cleanly; after a killed
-    driver it would start over, so the job hands this checkpoint to the trainer itself.
+    driver it would start over, so the job hands this checkpoint's URI to the training loop, which
+    loads it when Ray gives it none (Train V2 deprecates ``resume_from_checkpoint``).
     """
     import pyarrow.fs as pafs
-    import ray.train
 
     from ray_jobs.checkpoint import CHECKPOINT_FILE
 
@@ -355,7 +359,7 @@ def latest_checkpoint(cfg: TrainConfig):
                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     for directory in reversed(dirs):
         if storage.exists(fs, f"{directory}/{CHECKPOINT_FILE}"):
-            return ray.train.Checkpoint(directory, filesystem=fs)
+            return storage.join(run_dir_uri(cfg), directory.rsplit("/", 1)[1])
     return None
 
 
@@ -426,7 +430,8 @@ def fit(cfg: TrainConfig, resume: str = "auto") -> dict:
               "(use another --name to start over)", flush=True)
     cfg.cpus_per_worker = plan_cpus(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
     loop_config = config_lib.to_dict(cfg)
-    loop_config.update(class_names=manifest.class_names, class_counts=manifest.class_counts("train"))
+    loop_config.update(class_names=manifest.class_names, class_counts=manifest.class_counts("train"),
+                       resume_from=latest_checkpoint(cfg) if existing else None)
 
     fs, path = storage.resolve(cfg.storage)
     storage.ensure_dir(fs, path, cfg.storage)
@@ -445,7 +450,6 @@ def fit(cfg: TrainConfig, resume: str = "auto") -> dict:
         datasets=build_datasets(cfg, manifest),
         # Only train is split; validation is scored whole (see evaluate_shard).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        resume_from_checkpoint=latest_checkpoint(cfg) if existing else None,
     )
     started = time.perf_counter()
     result = trainer.fit()

@@ -181,7 +181,11 @@ def test_ray_job_submit(ray_cluster, tiny_data, tmp_path):
            "--storage", str(tmp_path / "runs"), "--name", "submitted", "--set", "data.augment=none"]
     out = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    assert "SUCCEEDED" in out.stdout + out.stderr
+    import re
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    job_id = re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
+    assert JobSubmissionClient(ray_cluster["dashboard"]).get_job_status(job_id) == JobStatus.SUCCEEDED
     result = json.loads((tmp_path / "runs" / "submitted" / "result.json").read_text())
     assert result["epochs"] == 1
     assert load_checkpoint(result["best_checkpoint"])["epoch"] == 0
