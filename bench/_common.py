@@ -15,7 +15,8 @@ def start_local_ray(num_cpus: int) -> None:
     """A private local Ray with ``num_cpus`` logical CPUs, its files in ``$RAY_TMPDIR``.
 
     ``RAY_TMPDIR`` defaults to ``/tmp/mbray-bench`` (nothing goes to /tmp/ray); usage stats are
-    off; no dashboard; worker output is not forwarded (the scripts print what they measure).
+    off; no dashboard; worker output is not forwarded (the scripts print what they measure); the
+    job's embedded-Ray system config (idle data workers kept between epochs).
 
     Ray starts its workers at nice 15 (``RAY_worker_niceness``); here they run at nice 0 like the
     plain-PyTorch side, or on a machine shared with other jobs the comparison would measure the
@@ -28,8 +29,10 @@ def start_local_ray(num_cpus: int) -> None:
     import ray
     import ray.data
 
+    from ray_jobs.train import LOCAL_RAY_SYSTEM_CONFIG
+
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-epoch execution plans
 

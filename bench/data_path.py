@@ -11,10 +11,10 @@ transform (``ray_jobs.data.build_transform(--augment, --image-size, train=True)`
 tensors) and deliver uint8 batches of ``--batch-size``, with ``--workers`` parallel workers:
 
 * **ray**: the train pipeline of ``ray_jobs.train.build_datasets`` (``shards.ray_dataset`` ->
-  ``map_batches(preprocess_batch, batch_size=64)`` -> ``randomize_block_order``), its map run
-  as at most ``workers`` tasks of 1 CPU (``TaskPoolStrategy(size=workers)``) on a local Ray of
-  ``workers`` CPUs, read with ``iter_torch_batches`` as the training worker does (how many map
-  tasks an epoch really got is printed: Ray Data makes one task per input block);
+  streaming repartition into blocks of ``--block-rows`` rows -> ``map_batches(preprocess_batch)``)
+  on a local Ray of ``workers`` CPUs (``ray_jobs.train.LOCAL_RAY_SYSTEM_CONFIG``, as the job's
+  embedded Ray), read with ``iter_torch_batches`` and the job's local shuffle buffer, as the
+  training worker does (how many map tasks an epoch got is printed: one per block);
 * **dataloader**: ``torchvision.datasets.ImageFolder`` (PIL loader, ``v2.PILToTensor``, the
   transform) in a ``DataLoader(shuffle=True, num_workers=workers, persistent_workers=True)``.
 
@@ -41,15 +41,15 @@ from pathlib import Path
 
 import _common  # first: puts the checkout on sys.path
 import numpy as np
-import ray.data
 import torch
 from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from models import create_model
-from ray_jobs.data import build_transform, normalize, preprocess_batch
-from shards import ingest, ray_dataset
+from ray_jobs.data import build_transform, normalize
+from ray_jobs.train import DataSection, TrainConfig, build_dataset
+from shards import ingest, read_manifest
 
 GOAL = 1.0
 DEFAULT_DATA = "/work/shared/data/bccd-wbc"
@@ -63,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers = Ray Data CPUs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs per side (plus one warm-up)")
+    p.add_argument("--block-rows", type=int, default=DataSection.block_rows,
+                   help="rows per Ray Data block before decoding (data.block_rows; 0: one per shard)")
     p.add_argument("--train-model", default="adsr_resnet18")
     p.add_argument("--train-threads", type=int, default=1)
     p.add_argument("--train-steps", type=int, default=3)
@@ -82,13 +84,10 @@ def npz_to_folder(npz_path: str, root: Path) -> Path:
 
 
 def ray_pipeline(uri: str, args: argparse.Namespace):
-    """``build_datasets``' train pipeline (no re-sampling), its map on ``workers`` CPUs."""
-    ds = ray_dataset(uri, "train", columns=["image", "label", "source", "synthetic"])
-    ds = ds.map_batches(preprocess_batch, batch_size=64, num_cpus=1,
-                        compute=ray.data.TaskPoolStrategy(size=args.workers),
-                        fn_kwargs=dict(image_size=args.image_size, augment=args.augment, train=True,
-                                       rates=None, seed=None))
-    return ds.randomize_block_order(seed=None)
+    """The job's train pipeline: ``ray_jobs.train.build_dataset(cfg, manifest, "train")``."""
+    cfg = TrainConfig(data=DataSection(uri=uri, image_size=args.image_size, augment=args.augment,
+                                       batch_size=args.batch_size, block_rows=args.block_rows))
+    return build_dataset(cfg, read_manifest(uri), "train")
 
 
 def dataloader(root: Path, args: argparse.Namespace) -> torch.utils.data.DataLoader:
@@ -151,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
         ds = ray_pipeline(uri, args)
 
         def ray_batches():
-            return ds.iter_torch_batches(batch_size=args.batch_size)
+            return ds.iter_torch_batches(batch_size=args.batch_size,
+                                         local_shuffle_buffer_size=DataSection.shuffle_buffer)
 
         warm_ray = time_epoch(ray_batches)
         ray_epochs, loader_epochs, loads = [], [], []
@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"(seconds per epoch of {num_images} images; first batch s = median wait for the first batch; "
           f"1-min load average during the epochs: {min(loads):.1f}-{max(loads):.1f} on {machine['cpu_count']} cores)")
     print(f"Ray Data ran the decode+augment map as {map_tasks} task(s) in the last epoch "
-          f"(one per input block; {args.workers} could run at once)")
+          f"(one per block of <= {args.block_rows or 'a shard of'} rows; {args.workers} could run at once)")
     print(f"\nratio ray / dataloader = {ratio:.2f}  (goal >= {GOAL:.1f}: {'MET' if ratio >= GOAL else 'NOT MET'})")
     print(f"pipeline supplies {ray_rate:.1f} img/s, training step consumes {train['images_per_s']:.1f} img/s "
           f"({args.train_model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "

@@ -16,6 +16,9 @@ Re-sampling of the train split (``sampling=``): Ray Data has no weighted sampler
 repeated ``k ~ Poisson(r_c)`` times, with the class rate ``r_c`` computed from the manifest's
 per-class counts (the shard index) so that an epoch holds, in expectation, as many rows as the
 split and classes in proportion ``1`` (``class_balanced``) or ``sqrt(n_c)`` (``sqrt``).
+
+Shuffling: ``preprocess_batch(shuffle=True)`` permutes the rows of each block it gets; the block
+order is randomised in ``ray_jobs.train.build_dataset``.
 """
 from __future__ import annotations
 
@@ -73,25 +76,29 @@ def sampling_rates(class_counts: list[int], sampling: str) -> list[float] | None
 
 def preprocess_batch(batch: dict, *, image_size: int, augment: str, train: bool,
                      rates: list[float] | None = None, seed: int | None = None,
-                     keep_source: bool = False) -> dict:
+                     shuffle: bool = False, keep_source: bool = False) -> dict:
     """Ray Data ``map_batches`` function (numpy format).
 
     Args:
         batch: ``image`` (encoded bytes, N), ``label`` (N), ``source`` (N).
         rates: per-class expected repeats (re-sampling), or None.
-        seed: seeds the re-sampling draw of this batch (from its first source) when given;
-            None draws fresh each epoch.
+        seed: seeds the re-sampling draw and the shuffle of this batch (with its first source)
+            when given; None draws fresh each epoch.
+        shuffle: return the rows in a random order.
         keep_source: pass the ``source`` column through (inference); training drops it.
 
     Returns:
         ``image`` uint8 M x 3 x S x S, ``label`` int64 M (M = N unless re-sampled).
     """
     images, labels, sources = batch["image"], np.asarray(batch["label"], dtype=np.int64), batch["source"]
-    if rates is not None and len(labels):
+    if (rates is not None or shuffle) and len(labels):
         rng = (np.random.default_rng([seed, zlib.crc32(str(sources[0]).encode())])
                if seed is not None else np.random.default_rng())
-        repeats = rng.poisson(np.asarray(rates)[labels])
-        index = np.repeat(np.arange(len(labels)), repeats)
+        index = np.arange(len(labels))
+        if rates is not None:
+            index = np.repeat(index, rng.poisson(np.asarray(rates)[labels]))
+        if shuffle:
+            index = rng.permutation(index)
         images, labels, sources = images[index], labels[index], sources[index]
     transform = build_transform(augment, image_size, train)
     out = np.empty((len(labels), 3, image_size, image_size), dtype=np.uint8)

@@ -50,7 +50,9 @@ class DataSection:
     sampling: str = "none"           # none | class_balanced | sqrt
     include_synthetic: bool = True   # rows written by the GAN job
     batch_size: int = 32             # per worker
-    shuffle_buffer: int = 256        # rows in each worker's local shuffle buffer (0: no shuffle)
+    block_rows: int = 64             # rows per Ray Data block before decoding (0: one per shard)
+    cache_encoded: bool = True       # read each split's encoded rows once into the object store
+    shuffle_buffer: int = 0          # rows in each worker's extra local shuffle buffer (0: none)
     eval_batch_size: int = 64
 
 
@@ -261,8 +263,8 @@ def train_loop_per_worker(config: dict) -> dict:
         criterion.set_epoch(epoch)
         model.train()
         started, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
-        # Shuffle in the worker (a rolling buffer): a dataset-wide shuffle op would be a barrier
-        # that holds every batch back until the whole epoch is decoded.
+        # Rows are shuffled in the pipeline (block order + rows within a block, build_dataset);
+        # the optional local buffer mixes across blocks, at the cost of its fill time per epoch.
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.data.batch_size, device=device, drop_last=False,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
@@ -363,6 +365,14 @@ def latest_checkpoint(cfg: TrainConfig):
     return None
 
 
+# Ray's worker pool ends a task worker that has been idle for 1 s once there are more workers than
+# CPUs. Between two epochs the data tasks' workers sit idle while the step trains, so each epoch
+# would start new processes that import torch and torchvision again (seconds each, on the CPUs the
+# pipeline needs). The embedded Ray keeps idle workers for a minute; on a cluster, pass the same
+# with `ray start --system-config '{"idle_worker_killing_time_threshold_ms": 60000}'`.
+LOCAL_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (``ray job submit`` sets it) or start a local one."""
     import logging
@@ -374,26 +384,60 @@ def init_ray() -> None:
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, log_to_driver=True,
+                 _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k.startswith("AWS_") or k == "RAY_USAGE_STATS_ENABLED"}})
 
 
-def build_datasets(cfg: TrainConfig, manifest) -> dict:
-    """Ray Data pipelines for train (re-sampled, augmented) and val (resized)."""
+def build_dataset(cfg: TrainConfig, manifest, split: str):
+    """One split's Ray Data pipeline: ``train`` shuffled, re-sampled and augmented; others resized.
+
+    A shard is one Parquet file, which Ray Data reads as one block; decoding a whole shard in one
+    task would use one CPU and hold every batch back until the shard is done. So the encoded rows
+    are re-blocked first (a streaming repartition, ``data.block_rows`` rows per block): the decode
+    map then runs on every CPU left to Ray Data, and batches reach the workers while the epoch
+    is still being decoded.
+
+    ``data.cache_encoded`` (default): the encoded blocks are read once, here, into Ray's object
+    store, so an epoch does not pay Ray Data's per-read start-up (listing files, reading footers)
+    again; each epoch shuffles the train blocks' order (``randomize_block_order``). Turn it off
+    for splits larger than the object store: shards are then streamed from storage every epoch,
+    train files in a shuffled order. Either way the map permutes the rows of each train block,
+    and ingest wrote every split in a seeded random order.
+    """
+    from ray.data import FileShuffleConfig
+
     from ray_jobs.data import preprocess_batch, sampling_rates
     from shards import ray_dataset
 
-    counts = manifest.class_counts("train")
-    rates = sampling_rates(counts, cfg.data.sampling)
-    common = dict(image_size=cfg.data.image_size, augment=cfg.data.augment)
-    train = ray_dataset(cfg.data.uri, "train", include_synthetic=cfg.data.include_synthetic,
-                        columns=["image", "label", "source", "synthetic"])
-    train = train.map_batches(preprocess_batch, batch_size=64, fn_kwargs=dict(
-        common, train=True, rates=rates, seed=cfg.seed if cfg.reproducible else None))
-    val = ray_dataset(cfg.data.uri, "val", columns=["image", "label", "source"])
-    val = val.map_batches(preprocess_batch, batch_size=64, fn_kwargs=dict(common, train=False))
-    return {"train": train, "val": val}
+    train = split == "train"
+    seed = cfg.seed if cfg.reproducible else None
+    if train:
+        stream_shuffle = None if cfg.data.cache_encoded else FileShuffleConfig(seed=seed)
+        ds = ray_dataset(cfg.data.uri, split, include_synthetic=cfg.data.include_synthetic,
+                         columns=["image", "label", "source", "synthetic"], shuffle=stream_shuffle)
+        extra = dict(rates=sampling_rates(manifest.class_counts(split), cfg.data.sampling),
+                     seed=seed, shuffle=True)
+    else:
+        ds = ray_dataset(cfg.data.uri, split, columns=["image", "label", "source"])
+        extra = {}
+    if cfg.data.block_rows:
+        ds = ds.repartition(target_num_rows_per_block=cfg.data.block_rows)
+    if cfg.data.cache_encoded:
+        ds = ds.materialize()
+        if train:
+            ds = ds.randomize_block_order(seed=seed)
+    # One call per block (batch_size=None), so the row permutation spans the block.
+    return ds.map_batches(preprocess_batch, batch_size=None if cfg.data.block_rows else 64,
+                          fn_kwargs=dict(image_size=cfg.data.image_size, augment=cfg.data.augment,
+                                         train=train, **extra))
+
+
+def build_datasets(cfg: TrainConfig, manifest) -> dict:
+    """The pipelines a training run reads: ``{"train": ..., "val": ...}`` (see build_dataset)."""
+    return {split: build_dataset(cfg, manifest, split) for split in ("train", "val")}
 
 
 def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:

@@ -148,10 +148,11 @@ def ray_cluster(s3_server, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, **s3_env(s3_server), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": address}
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    from ray_jobs.train import LOCAL_RAY_SYSTEM_CONFIG  # the embedded Ray's settings, here too
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={os.environ.get('MEDBALANCE_TEST_CPUS', '2')}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp}",
-           "--disable-usage-stats"]
+           "--disable-usage-stats", f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}"]
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
