@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--out", default=str(REPO / "runs"), help="where data, runs and reports go")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--fresh", action="store_true",
+                   help="train a new run (its name gets the time) instead of resuming/reusing the last one")
     args = p.parse_args(argv)
     started = time.perf_counter()
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_lib.load_config(TrainConfig, str(REPO / "configs" / "demo.yaml"),
                                  [f"data.uri={data_uri}", f"storage={join(args.out, 'demo')}", *args.overrides])
+    if args.fresh:
+        cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[2/3] train {cfg.model} + {cfg.loss} on {cfg.num_workers} Ray workers, {cfg.epochs} epochs "
           f"-> {join(cfg.storage, cfg.name)}", flush=True)
     init_ray()

@@ -92,6 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint_metric: str = "val_macro_f1"
     checkpoint_mode: str = "max"
+    log_level: str = "WARNING"       # Ray Train's log level (INFO: every report and checkpoint)
     # Test hooks: {"kill_rank": 1, "kill_epoch": 1, "marker": PATH} kills that worker once;
     # {"nan_epoch": E} makes the loss NaN at epoch E, step 0.
     fault_injection: dict = dataclasses.field(default_factory=dict)
@@ -197,6 +198,27 @@ def _maybe_inject_fault(hooks: dict, rank: int, epoch: int) -> None:
         os._exit(1)
 
 
+def say(message: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver).
+
+    Ray Train patches ``print`` in its workers into its logger, whose handlers show each line
+    twice on the driver; writing to stdout directly shows it once.
+    """
+    sys.stdout.write(f"[medbalance] {message}\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_train(level: str) -> None:
+    """Apply ``level`` to Ray Train's per-report log line ("Reporting training result ..."),
+    which ``LoggingConfig`` does not reach (its logger is not under ``ray.train``)."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(level)
+    except (ImportError, AttributeError):  # another Ray version: keep its default
+        pass
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """One Ray Train worker: DDP training with validation, reports and checkpoints each epoch.
 
@@ -217,6 +239,7 @@ def train_loop_per_worker(config: dict) -> dict:
     class_names, class_counts = config.pop("class_names"), config.pop("class_counts")
     resume_from = config.pop("resume_from", None)
     cfg = config_lib.from_dict(TrainConfig, config)
+    quiet_ray_train(cfg.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker or 1)))
@@ -253,8 +276,8 @@ def train_loop_per_worker(config: dict) -> dict:
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         if rank == 0:
-            print(f"[medbalance] resumed from the checkpoint of epoch {state['epoch']}: "
-                  f"continuing at epoch {start_epoch}", flush=True)
+            say(f"resumed from the checkpoint of epoch {state['epoch']}: "
+                f"continuing at epoch {start_epoch}")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -283,7 +306,7 @@ def train_loop_per_worker(config: dict) -> dict:
                            "training stopped, the last good checkpoint is kept. Lower the learning rate, "
                            "add --set optim.clip_grad_norm=1.0, or check the data.")
                 if rank == 0:
-                    print(f"[medbalance] {message}", flush=True)
+                    say(message)
                 return {"status": "non_finite", "message": message, "start_epoch": start_epoch}
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -310,10 +333,9 @@ def train_loop_per_worker(config: dict) -> dict:
         metrics.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float)) or v is None})
         metrics = {k: (float("nan") if v is None else v) for k, v in metrics.items()}
         if rank == 0:
-            print(f"[medbalance] epoch {epoch + 1}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
-                  f"val macro-F1 {metrics['val_macro_f1']:.4f} B-ACC {metrics['val_balanced_accuracy']:.4f} "
-                  f"ECE {metrics['val_ece']:.4f} ({train_seconds:.1f} s, {metrics['samples_per_s']:.0f} img/s)",
-                  flush=True)
+            say(f"epoch {epoch + 1}/{cfg.epochs} loss {metrics['train_loss']:.4f} "
+                f"val macro-F1 {metrics['val_macro_f1']:.4f} B-ACC {metrics['val_balanced_accuracy']:.4f} "
+                f"ECE {metrics['val_ece']:.4f} ({train_seconds:.1f} s, {metrics['samples_per_s']:.0f} img/s)")
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint({
                     "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
@@ -383,12 +405,15 @@ def init_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data logs every execution plan at INFO, in every process that runs one.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
+        passed = ("RAY_USAGE_STATS_ENABLED", "RAY_DATA_LOG_LEVEL")
         ray.init(address=address, log_to_driver=True,
                  _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k.startswith("AWS_") or k == "RAY_USAGE_STATS_ENABLED"}})
+                                           if k.startswith("AWS_") or k in passed}})
 
 
 def build_dataset(cfg: TrainConfig, manifest, split: str):
@@ -490,7 +515,8 @@ def fit(cfg: TrainConfig, resume: str = "auto") -> dict:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=cfg.checkpoint_metric,
-                checkpoint_score_order=cfg.checkpoint_mode)),
+                checkpoint_score_order=cfg.checkpoint_mode),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.log_level)),
         datasets=build_datasets(cfg, manifest),
         # Only train is split; validation is scored whole (see evaluate_shard).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
