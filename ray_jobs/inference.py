@@ -33,7 +33,12 @@ class Predictor:
 
 def logits_dataset(ds, checkpoint: str, image_size: int, *, num_actors: int = 1, use_gpu: bool = False,
                    batch_size: int = 64):
-    """Encoded rows (``image``, ``label``, ``source``) -> rows with ``logits``, by an actor pool."""
+    """Encoded rows (``image``, ``label``, ``source``) -> rows with ``logits``, by an actor pool.
+
+    The encoded rows are re-blocked into ``batch_size``-row blocks first (a shard file is read as
+    one block): decoding then runs as parallel tasks that feed every actor.
+    """
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     ds = ds.map_batches(preprocess_batch, batch_size=batch_size,
                         fn_kwargs=dict(image_size=image_size, augment="none", train=False, keep_source=True))
     return ds.map_batches(Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu},

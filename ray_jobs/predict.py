@@ -27,6 +27,10 @@ from shards import storage
 from shards.image import IMAGE_EXTENSIONS
 from shards.schema import MANIFEST_NAME
 
+# Inference runs on small blocks (ray_jobs.inference); gather them into files of at least this
+# many rows rather than one small Parquet file per block.
+OUTPUT_ROWS_PER_FILE = 50_000
+
 SUCCESS = "_SUCCESS.json"
 
 
@@ -86,7 +90,8 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
                 "prediction": prediction.astype(np.int64),
                 "predicted_class": np.array([class_names[i] for i in prediction], dtype=object)}
 
-    ds.map_batches(to_rows, batch_format="numpy").write_parquet(out_path, filesystem=out_fs)
+    ds.map_batches(to_rows, batch_format="numpy").write_parquet(out_path, filesystem=out_fs,
+                                                                 min_rows_per_file=OUTPUT_ROWS_PER_FILE)
     files = sorted(i.path[len(out_path) + 1:] for i in out_fs.get_file_info(pafs.FileSelector(out_path))
                    if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     import pyarrow.parquet as pq
