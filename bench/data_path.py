@@ -151,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
 
         def ray_batches():
             return ds.iter_torch_batches(batch_size=args.batch_size,
-                                         local_shuffle_buffer_size=DataSection.shuffle_buffer)
+                                         local_shuffle_buffer_size=DataSection.shuffle_buffer or None)
 
         warm_ray = time_epoch(ray_batches)
         ray_epochs, loader_epochs, loads = [], [], []
