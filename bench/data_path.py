@@ -10,11 +10,13 @@ train split is written out as PNGs first). Both sides decode (PIL), augment with
 transform (``ray_jobs.data.build_transform(--augment, --image-size, train=True)`` on uint8
 tensors) and deliver uint8 batches of ``--batch-size``, with ``--workers`` parallel workers:
 
-* **ray**: the train pipeline of ``ray_jobs.train.build_datasets`` (``shards.ray_dataset`` ->
-  streaming repartition into blocks of ``--block-rows`` rows -> ``map_batches(preprocess_batch)``)
-  on a local Ray of ``workers`` CPUs (``ray_jobs.train.LOCAL_RAY_SYSTEM_CONFIG``, as the job's
-  embedded Ray), read with ``iter_torch_batches`` and the job's local shuffle buffer, as the
-  training worker does (how many map tasks an epoch got is printed: one per block);
+* **ray**: the job's own train pipeline, ``ray_jobs.train.build_dataset(cfg, manifest, "train")``
+  (``shards.ray_dataset`` -> streaming repartition into blocks of ``--block-rows`` rows -> the
+  encoded blocks cached in the object store -> ``randomize_block_order`` ->
+  ``map_batches(preprocess_batch)``, one task per block), on a local Ray of ``workers`` CPUs with
+  the job's embedded-Ray settings (``ray_jobs.train.LOCAL_RAY_SYSTEM_CONFIG``), read with
+  ``iter_torch_batches`` as the training worker reads it (how many map tasks an epoch got is
+  printed);
 * **dataloader**: ``torchvision.datasets.ImageFolder`` (PIL loader, ``v2.PILToTensor``, the
   transform) in a ``DataLoader(shuffle=True, num_workers=workers, persistent_workers=True)``.
 
