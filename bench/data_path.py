@@ -1,7 +1,7 @@
 """The Ray Data shard pipeline vs torchvision ImageFolder + DataLoader, images/s side by side.
 
     python bench/data_path.py                            # bccd-wbc, 224 px, adsr, 2 workers, 5 epochs
-    python bench/data_path.py --data /work/shared/data/retinamnist/retinamnist.npz --image-size 64
+    python bench/data_path.py --data data/retinamnist/retinamnist.npz --image-size 64
     python bench/data_path.py --workers 1 --epochs 3 --json runs/bench/data_path.json
 
 The same images are prepared two ways in a temp dir: a shard dataset (``shards.ingest``, every
@@ -10,11 +10,11 @@ train split is written out as PNGs first). Both sides decode (PIL), augment with
 transform (``ray_jobs.data.build_transform(--augment, --image-size, train=True)`` on uint8
 tensors) and deliver uint8 batches of ``--batch-size``, with ``--workers`` parallel workers:
 
-* **ray**: the job's own train pipeline, ``ray_jobs.train.build_dataset(cfg, manifest, "train")``
+* **ray**: the job's own train pipeline, ``ray_jobs.data.build_dataset(cfg, manifest, "train")``
   (``shards.ray_dataset`` -> streaming repartition into blocks of ``--block-rows`` rows -> the
   encoded blocks cached in the object store -> ``randomize_block_order`` ->
   ``map_batches(preprocess_batch)``, one task per block), on a local Ray of ``workers`` CPUs with
-  the job's embedded-Ray settings (``ray_jobs.train.LOCAL_RAY_SYSTEM_CONFIG``), read with
+  the job's embedded-Ray settings (``ray_jobs.ray_runtime.LOCAL_RAY_SYSTEM_CONFIG``), read with
   ``iter_torch_batches`` as the training worker reads it (how many map tasks an epoch got is
   printed);
 * **dataloader**: ``torchvision.datasets.ImageFolder`` (PIL loader, ``v2.PILToTensor``, the
@@ -49,12 +49,12 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from models import create_model
-from ray_jobs.data import build_transform, normalize
-from ray_jobs.train import DataSection, TrainConfig, build_dataset
+from ray_jobs.config import DataSection, TrainConfig
+from ray_jobs.data import build_dataset, build_transform, normalize
 from shards import ingest, read_manifest
 
 GOAL = 1.0
-DEFAULT_DATA = "/work/shared/data/bccd-wbc"
+DEFAULT_DATA = str(Path(__file__).resolve().parents[1] / "data" / "bccd-wbc" / "images")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,7 @@ def npz_to_folder(npz_path: str, root: Path) -> Path:
 
 
 def ray_pipeline(uri: str, args: argparse.Namespace):
-    """The job's train pipeline: ``ray_jobs.train.build_dataset(cfg, manifest, "train")``."""
+    """The job's train pipeline: ``ray_jobs.data.build_dataset(cfg, manifest, "train")``."""
     cfg = TrainConfig(data=DataSection(uri=uri, image_size=args.image_size, augment=args.augment,
                                        batch_size=args.batch_size, block_rows=args.block_rows))
     return build_dataset(cfg, read_manifest(uri), "train")

@@ -46,13 +46,15 @@ from medbalance.errors import TrainingError
 from models import create_model
 from ray_jobs.checkpoint import load_checkpoint
 from ray_jobs.config import from_dict, to_dict
-from ray_jobs.data import build_transform, normalize
-from ray_jobs.train import (DataSection, TrainConfig, build_datasets, build_optimizer, fit,
-                            lr_factor, seed_everything)
+from ray_jobs.config import DataSection, TrainConfig
+from ray_jobs.data import build_datasets, build_transform, normalize
+from ray_jobs.optim import build_optimizer, lr_factor
+from ray_jobs.seeding import seed_everything
+from ray_jobs.train import fit
 from shards import ShardDataset, ingest, read_manifest
 
 GOAL = 0.90
-DEFAULT_DATA = "/work/shared/data/retinamnist/retinamnist.npz"
+DEFAULT_DATA = str(Path(__file__).resolve().parents[1] / "data" / "retinamnist" / "retinamnist.npz")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """Training checkpoints: what they hold, writing them, loading them safely.
 
 A checkpoint is a directory (local or on object storage) with ``checkpoint.pt`` and the resolved
-``config.yaml``. ``checkpoint.pt`` is a dict of tensors and plain Python values only, so it loads
+``config.yaml``. Workers write them through Ray Train (:func:`report`, rank 0 only) and read them
+back with :func:`restore_state` (Ray's own checkpoint after a failure, else the newest one of an
+interrupted earlier run). ``checkpoint.pt`` is a dict of tensors and plain Python values only, so it loads
 with ``torch.load(weights_only=True)`` (no arbitrary pickle):
 
     model, optimizer, scheduler, scaler      state dicts
@@ -32,7 +34,46 @@ def save_checkpoint(state: dict, directory: str) -> str:
     return path
 
 
-def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
+def report(metrics: dict, state: dict | None = None, files: dict[str, str] | None = None) -> None:
+    """``ray.train.report`` this worker's metrics, with a checkpoint when ``state`` is given.
+
+    Args:
+        metrics: this epoch's (or iteration's) metrics.
+        state: the checkpoint's content (rank 0 passes it, other ranks None).
+        files: extra text files to put in the checkpoint folder, name -> content.
+    """
+    import tempfile
+
+    import ray.train
+
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(state, tmp)
+        for name, text in (files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore_state(resume_from: str | None, map_location) -> dict | None:
+    """The state a worker starts from: Ray's checkpoint (after a worker failure, or a run Ray
+    restored), else the checkpoint at ``resume_from`` (an interrupted earlier run), else None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            return torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location=map_location,
+                              weights_only=True)
+    if resume_from:
+        return load_checkpoint(resume_from, map_location=map_location, required=())
+    return None
+
+
+def load_checkpoint(uri: str, map_location: str | torch.device = "cpu",
+                    required: tuple[str, ...] = ("model", "config", "class_names")) -> dict:
     """Load a checkpoint from a directory, a ``checkpoint.pt`` file, or an ``s3://`` URI of either.
 
     Raises:
@@ -50,7 +91,7 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
     except Exception as exc:  # torch raises several types for bad files
         raise ConfigError(f"{target} is not a medbalance checkpoint that loads with "
                           f"weights_only=True: {exc}") from exc
-    missing = {"model", "config", "class_names"} - set(state)
+    missing = set(required) - set(state)
     if missing:
         raise ConfigError(f"{target} lacks {sorted(missing)}: not a medbalance training checkpoint")
     return state

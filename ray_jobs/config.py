@@ -1,7 +1,8 @@
-"""Typed job configs: dataclass defaults, a YAML overlay, then ``--set a.b=c`` overrides.
+"""Typed job configs: the classifier's ``TrainConfig`` and how every job config is built:
+dataclass defaults, a YAML overlay, then ``--set a.b=c`` overrides.
 
     cfg = load_config(TrainConfig, "configs/demo.yaml", ["optim.lr=0.01", "epochs=3"])
-    save_yaml(cfg, path)        # the resolved config, written next to the results
+    dump_yaml(cfg)              # the resolved config, written next to the results
 
 Values given with ``--set`` are parsed as YAML scalars (``3`` -> int, ``true`` -> bool,
 ``[1, 2]`` -> list). Unknown keys are errors (a typo must not be silently ignored).
@@ -17,6 +18,69 @@ import yaml
 from medbalance.errors import ConfigError
 
 T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- the classifier's config
+@dataclasses.dataclass
+class DataSection:
+    uri: str = ""                    # dataset URI (ray_jobs.prepare output)
+    image_size: int = 224
+    augment: str = "adsr"            # adsr | lrf | light | none
+    sampling: str = "none"           # none | class_balanced | sqrt
+    include_synthetic: bool = True   # rows written by the GAN job
+    batch_size: int = 32             # per worker
+    block_rows: int = 64             # rows per Ray Data block before decoding (0: one per shard)
+    cache_encoded: bool = True       # read each split's encoded rows once into the object store
+    shuffle_buffer: int = 0          # rows in each worker's extra local shuffle buffer (0: none)
+    eval_batch_size: int = 64
+
+
+@dataclasses.dataclass
+class OptimSection:
+    name: str = "sgd"                # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"         # cosine | step | multistep | none
+    warmup_epochs: float = 0.0
+    step_size: int = 20              # step: epochs between decays
+    gamma: float = 0.5               # step / multistep decay
+    milestones: list = dataclasses.field(default_factory=lambda: [30, 60])
+    clip_grad_norm: float | None = None
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    name: str = "run"
+    storage: str = "runs"            # local path or s3://bucket/prefix
+    model: str = "adsr_resnet18"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    pretrained: str | None = None    # local torchvision ResNet state dict
+    loss: str = "cws"
+    loss_params: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None   # None: derived from the cluster (ray_jobs.resources.plan_cpus)
+    amp: str = "auto"                # auto (GPU: bf16 if supported else fp16; CPU: off) | bf16 | fp16 | off
+    sync_batchnorm: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    reproducible: bool = False       # deterministic algorithms + seeded re-sampling
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+    checkpoint_metric: str = "val_macro_f1"
+    checkpoint_mode: str = "max"
+    log_level: str = "WARNING"       # Ray Train's log level (INFO: every report and checkpoint)
+    # Test hooks: {"kill_rank": 1, "kill_epoch": 1, "marker": PATH} kills that worker once;
+    # {"nan_epoch": E} makes the loss NaN at epoch E, step 0; {"start_log": PATH} appends a line
+    # per start of a worker's loop (to count attempts).
+    fault_injection: dict = dataclasses.field(default_factory=dict)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+
+
+# ----------------------------------------------------------------------------- building configs
 
 
 def to_dict(cfg: Any) -> dict:

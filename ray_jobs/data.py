@@ -18,12 +18,16 @@ per-class counts (the shard index) so that an epoch holds, in expectation, as ma
 split and classes in proportion ``1`` (``class_balanced``) or ``sqrt(n_c)`` (``sqrt``).
 
 Shuffling: ``preprocess_batch(shuffle=True)`` permutes the rows of each block it gets; the block
-order is randomised in ``ray_jobs.train.build_dataset``.
+order is randomised in :func:`build_dataset`.
+
+``build_dataset(cfg, manifest, split)`` puts it together: the pipeline of one split that a training
+run reads (the classifier job and the sweep's trials build theirs with it).
 """
 from __future__ import annotations
 
 import math
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +35,10 @@ from torchvision.transforms import v2
 
 from medbalance.errors import ConfigError
 from shards.reader import decode_to_chw
+
+if TYPE_CHECKING:
+    from ray_jobs.config import TrainConfig
+    from shards.schema import Manifest
 
 AUGMENT_PRESETS = ("adsr", "lrf", "light", "none")
 SAMPLING = ("none", "class_balanced", "sqrt")
@@ -80,7 +88,8 @@ def preprocess_batch(batch: dict, *, image_size: int, augment: str, train: bool,
     """Ray Data ``map_batches`` function (numpy format).
 
     Args:
-        batch: ``image`` (encoded bytes, N), ``label`` (N), ``source`` (N).
+        batch: ``image`` (encoded bytes, N), ``label`` (N), ``source`` (N), optionally ``path``
+            (the shard file, named in decode errors).
         rates: per-class expected repeats (re-sampling), or None.
         seed: seeds the re-sampling draw and the shuffle of this batch (with its first source)
             when given; None draws fresh each epoch.
@@ -91,6 +100,9 @@ def preprocess_batch(batch: dict, *, image_size: int, augment: str, train: bool,
         ``image`` uint8 M x 3 x S x S, ``label`` int64 M (M = N unless re-sampled).
     """
     images, labels, sources = batch["image"], np.asarray(batch["label"], dtype=np.int64), batch["source"]
+    paths = batch.get("path")  # the shard file of each row, where the reader included it
+    if paths is None:
+        paths = np.full(len(labels), None, dtype=object)
     if (rates is not None or shuffle) and len(labels):
         rng = (np.random.default_rng([seed, zlib.crc32(str(sources[0]).encode())])
                if seed is not None else np.random.default_rng())
@@ -99,11 +111,12 @@ def preprocess_batch(batch: dict, *, image_size: int, augment: str, train: bool,
             index = np.repeat(index, rng.poisson(np.asarray(rates)[labels]))
         if shuffle:
             index = rng.permutation(index)
-        images, labels, sources = images[index], labels[index], sources[index]
+        images, labels, sources, paths = images[index], labels[index], sources[index], paths[index]
     transform = build_transform(augment, image_size, train)
     out = np.empty((len(labels), 3, image_size, image_size), dtype=np.uint8)
     for i, data in enumerate(images):
-        chw = torch.from_numpy(decode_to_chw(data, f"row {sources[i]}"))
+        where = f"shard {paths[i]} row {sources[i]}" if paths[i] is not None else f"row {sources[i]}"
+        chw = torch.from_numpy(decode_to_chw(data, where))
         out[i] = transform(chw).numpy()
     result = {"image": out, "label": labels}
     if keep_source:
@@ -118,24 +131,50 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
-def plan_cpus(num_workers: int, use_gpu: bool, cpus_per_worker: float | None = None,
-              data_fraction: float = 0.25) -> float:
-    """CPUs per training worker, leaving about ``data_fraction`` of the cluster to Ray Data.
+def build_dataset(cfg: "TrainConfig", manifest: "Manifest", split: str):
+    """One split's Ray Data pipeline: ``train`` shuffled, re-sampled and augmented; others resized.
 
-    With every CPU given to training workers the Ray Data pipeline stalls (DESIGN 5); so each of
-    ``num_workers`` gets ``(cluster CPUs - reserve) / num_workers``, reserve =
-    ``max(1, data_fraction * cluster CPUs)``. On 2 CPUs with 2 workers: 0.5 each, 1 for data.
+    A shard is one Parquet file, which Ray Data reads as one block; decoding a whole shard in one
+    task would use one CPU and hold every batch back until the shard is done. So the encoded rows
+    are re-blocked first (a streaming repartition, ``data.block_rows`` rows per block): the decode
+    map then runs on every CPU left to Ray Data, and batches reach the workers while the epoch
+    is still being decoded.
+
+    ``data.cache_encoded`` (default): the encoded blocks are read once, here, into Ray's object
+    store, so an epoch does not pay Ray Data's per-read start-up (listing files, reading footers)
+    again; each epoch shuffles the train blocks' order (``randomize_block_order``). Turn it off
+    for splits larger than the object store: shards are then streamed from storage every epoch,
+    train files in a shuffled order. Either way the map permutes the rows of each train block,
+    and ingest wrote every split in a seeded random order.
     """
-    import ray
+    from ray.data import FileShuffleConfig
 
-    if cpus_per_worker is not None:
-        return float(cpus_per_worker)
-    total = float(ray.cluster_resources().get("CPU", 0))
-    reserve = max(1.0, data_fraction * total)
-    per_worker = (total - reserve) / num_workers
-    if per_worker < 0.1:
-        raise ConfigError(
-            f"the cluster has {total:g} CPUs: too few for {num_workers} training workers plus the "
-            f"data pipeline ({reserve:g} CPUs); use fewer --num-workers or a bigger cluster"
-        )
-    return round(min(per_worker, 8.0 if use_gpu else per_worker), 2)
+    from shards import ray_dataset
+
+    train = split == "train"
+    seed = cfg.seed if cfg.reproducible else None
+    if train:
+        stream_shuffle = None if cfg.data.cache_encoded else FileShuffleConfig(seed=seed)
+        ds = ray_dataset(cfg.data.uri, split, include_synthetic=cfg.data.include_synthetic,
+                         columns=["image", "label", "source", "synthetic"], shuffle=stream_shuffle,
+                         include_paths=True)
+        extra = dict(rates=sampling_rates(manifest.class_counts(split), cfg.data.sampling),
+                     seed=seed, shuffle=True)
+    else:
+        ds = ray_dataset(cfg.data.uri, split, columns=["image", "label", "source"], include_paths=True)
+        extra = {}
+    if cfg.data.block_rows:
+        ds = ds.repartition(target_num_rows_per_block=cfg.data.block_rows)
+    if cfg.data.cache_encoded:
+        ds = ds.materialize()
+        if train:
+            ds = ds.randomize_block_order(seed=seed)
+    # One call per block (batch_size=None), so the row permutation spans the block.
+    return ds.map_batches(preprocess_batch, batch_size=None if cfg.data.block_rows else 64,
+                          fn_kwargs=dict(image_size=cfg.data.image_size, augment=cfg.data.augment,
+                                         train=train, **extra))
+
+
+def build_datasets(cfg: "TrainConfig", manifest: "Manifest") -> dict:
+    """The pipelines a training run reads: ``{"train": ..., "val": ...}`` (see build_dataset)."""
+    return {split: build_dataset(cfg, manifest, split) for split in ("train", "val")}

@@ -1,10 +1,10 @@
 """The main job on the embedded default: ingest RetinaMNIST, train ADSR-ResNet-18 with CE + CWS on
 2 Ray workers, evaluate on test, print the metrics and where the report and plots are.
 
-    python -m ray_jobs.demo [--data-root ../shared/data] [--out runs] [--set epochs=2 ...]
+    python -m ray_jobs.demo [--data-root data] [--out runs] [--set epochs=2 ...] [--fresh] [--verbose]
 
-Local Ray (started in-process), local Parquet shards, the bundled data set; ``make demo`` runs it.
-The training settings are ``configs/demo.yaml``; ``--set`` overrides them.
+Local Ray (started in-process), local Parquet shards, the RetinaMNIST file bundled in ``data/``;
+``make demo`` runs it. The training settings are ``configs/demo.yaml``; ``--set`` overrides them.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ray_jobs.cli import run_main
+from ray_jobs.cli import add_verbose_flag, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,16 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     from medbalance.errors import DataError
     from ray_jobs import config as config_lib
     from ray_jobs.evaluate import evaluate
-    from ray_jobs.train import TrainConfig, fit, init_ray
+    from ray_jobs.train import TrainConfig, fit
     from shards import ingest, read_manifest, summary_table
     from shards.storage import join
 
     p = argparse.ArgumentParser(prog="python -m ray_jobs.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--data-root", default=str(REPO / "data"), help="folder holding retinamnist/retinamnist.npz")
     p.add_argument("--out", default=str(REPO / "runs"), help="where data, runs and reports go")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--fresh", action="store_true",
                    help="train a new run (its name gets the time) instead of resuming/reusing the last one")
+    add_verbose_flag(p)
     args = p.parse_args(argv)
     started = time.perf_counter()
 
@@ -52,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[2/3] train {cfg.model} + {cfg.loss} on {cfg.num_workers} Ray workers, {cfg.epochs} epochs "
           f"-> {join(cfg.storage, cfg.name)}", flush=True)
-    init_ray()
     summary = fit(cfg, resume="auto")
 
     out = join(cfg.storage, cfg.name, "eval-test")

@@ -16,11 +16,12 @@ import os
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 from medbalance.errors import ConfigError
 from ray_jobs.checkpoint import load_checkpoint
-from ray_jobs.cli import run_main
+from ray_jobs.cli import add_verbose_flag, run_main
 from shards import storage
 
 
@@ -50,21 +51,26 @@ def evaluate(checkpoint: str, data: str, split: str, out: str, *, calibrate: boo
     from metrics.calibration import calibration_summary, fit_temperature
     from metrics.report import write_report
     from ray_jobs.inference import split_logits
-    from shards import read_manifest
+    from shards import check_shards
 
     checkpoint = resolve_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint)
-    manifest = read_manifest(data)
+    manifest = check_shards(data, splits=[split] + (["val"] if calibrate else []))
     if manifest.class_names != state["class_names"]:
         raise ConfigError(f"{data} has classes {manifest.class_names} but the checkpoint was trained on "
                           f"{state['class_names']}")
     image_size = state["config"]["data"]["image_size"]
+    from ray_jobs.ray_runtime import run_as_task
+
+    # Ray starts only now, after the checks above; the scoring pipeline runs as a Ray task.
     kwargs = dict(num_actors=num_actors, use_gpu=use_gpu)
-    logits, targets = split_logits(checkpoint, data, split, image_size, **kwargs)
+    logits, targets = (np.array(a) for a in run_as_task(split_logits, checkpoint, data, split, image_size,
+                                                        **kwargs))  # writable copies
     probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     calibration = None
     if calibrate:
-        val_logits, val_targets = split_logits(checkpoint, data, "val", image_size, **kwargs)
+        val_logits, val_targets = (np.array(a) for a in run_as_task(split_logits, checkpoint, data, "val",
+                                                                    image_size, **kwargs))
         temperature = fit_temperature(val_logits, val_targets)
         calibration = calibration_summary(logits, targets, temperature)
         probs = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
@@ -86,15 +92,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true", help="temperature scaling fitted on val")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas in the Ray Data actor pool")
     p.add_argument("--gpu", action="store_true")
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from metrics.report import format_table
-    from ray_jobs.train import init_ray
-
     args = get_args_parser().parse_args(argv)
-    init_ray()
     report = evaluate(args.checkpoint, args.data, args.split, args.out, calibrate=args.calibrate,
                       num_actors=args.num_actors, use_gpu=args.gpu)
     print(format_table(report))

@@ -6,6 +6,8 @@ uint8 images into logits.
 """
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
@@ -53,15 +55,34 @@ def _actor_pool(num_actors: int):
 
 
 def split_logits(checkpoint: str, data_uri: str, split: str, image_size: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """All logits (N x C) and labels (N) of one split of a shard dataset."""
-    from shards import ray_dataset
+    """All logits (N x C) and labels (N) of one split of a shard dataset.
 
-    ds = ray_dataset(data_uri, split, columns=["image", "label", "source"])
+    Prints a progress line every few seconds. A damaged shard raises a DataError naming it.
+    """
+    from ray_jobs.data_errors import data_error_message
+    from ray_jobs.progress import Progress
+    from shards import ray_dataset, read_manifest
+
+    total = sum(read_manifest(data_uri).counts.get(split, {}).values())
+    ds = ray_dataset(data_uri, split, columns=["image", "label", "source"], include_paths=True)
     rows = logits_dataset(ds, checkpoint, image_size, **kwargs).select_columns(["logits", "label"])
     logits, labels = [], []
-    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-        logits.append(np.stack(batch["logits"]).astype(np.float32))
-        labels.append(np.asarray(batch["label"], np.int64))
+    progress = Progress(f"scored {split}:", total=total, unit="images")
+    failure = None
+    try:
+        for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+            logits.append(np.stack(batch["logits"]).astype(np.float32))
+            labels.append(np.asarray(batch["label"], np.int64))
+            progress.update(len(labels[-1]))
+    except Exception as exc:  # noqa: BLE001 (a damaged shard becomes one clear error)
+        failure = data_error_message(exc, data_uri)
+        if failure is None:
+            raise
+    if failure:
+        gc.collect()  # frees the failed executor's actors (a reference cycle) now; see predict
+        raise DataError(f"scoring split {split!r}: {failure}")
+    if progress.done >= 10_000:
+        progress.finish()
     if not logits:
         raise DataError(f"split {split!r} of {data_uri} has no rows")
     return np.concatenate(logits), np.concatenate(labels)

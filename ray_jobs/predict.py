@@ -7,34 +7,188 @@
 ``--input`` is a shard dataset (its ``--split``, default all splits) or a folder of images (read
 recursively). The output is Parquet, one row per input image: ``source``, ``probabilities``
 (list of C floats), ``prediction`` (class index), ``predicted_class`` (name), and ``label`` for
-shard inputs. Ray Data writes the Parquet files; ``<output>/_SUCCESS.json`` (written last) lists
-them, so a reader never mistakes an unfinished output for a finished one.
+shard inputs.
+
+Layout and safety. Ray Data writes the files of one run into ``<output>/predictions-<id>/``;
+``<output>/_SUCCESS.json``, written last and atomically, lists them: it is the switch-over point,
+and :func:`read_predictions` reads exactly what it lists. ``--overwrite`` replaces earlier
+predictions only after the new ``_SUCCESS.json`` is in place, so a failing rerun keeps the old
+ones; it deletes only what an earlier ``_SUCCESS.json`` listed (and unfinished
+``predictions-*`` folders of interrupted runs), never a folder that is not a medbalance
+predictions folder. An output that is, contains or lies inside the input is refused.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import datetime as dt
 import json
+import os
 import sys
 import time
+import uuid
 
 import numpy as np
 
 from medbalance.errors import ConfigError, DataError
 from ray_jobs.checkpoint import load_checkpoint
-from ray_jobs.cli import run_main
+from ray_jobs.cli import add_verbose_flag, run_main
+from ray_jobs.data_errors import data_error_message
 from ray_jobs.evaluate import resolve_checkpoint
+from ray_jobs.progress import Progress
 from shards import storage
 from shards.image import IMAGE_EXTENSIONS
 from shards.schema import MANIFEST_NAME
 
-# Inference runs on small blocks (ray_jobs.inference); gather them into files of at least this
-# many rows rather than one small Parquet file per block.
+# Inference runs on small blocks (ray_jobs.inference); the driver gathers them into files of at
+# least this many rows rather than one small Parquet file per block.
 OUTPUT_ROWS_PER_FILE = 50_000
 
 SUCCESS = "_SUCCESS.json"
+VERSION_PREFIX = "predictions-"
+
+
+def _same_or_inside(inner: str, outer: str) -> bool:
+    inner, outer = inner.rstrip("/"), outer.rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def check_not_overlapping(input_uri: str, output: str) -> None:
+    """Refuse an output that is, contains or lies inside the input (it could destroy the input)."""
+    in_fs, in_path = storage.resolve(input_uri)
+    out_fs, out_path = storage.resolve(output)
+    if type(in_fs) is not type(out_fs):
+        return
+    if storage.is_remote(input_uri) != storage.is_remote(output):
+        return
+    if not storage.is_remote(input_uri):
+        in_path, out_path = os.path.realpath(in_path), os.path.realpath(out_path)
+    if _same_or_inside(out_path, in_path) or _same_or_inside(in_path, out_path):
+        raise ConfigError(f"--output {output} overlaps --input {input_uri} (it is, contains or lies "
+                          "inside it); write predictions to a folder of their own")
+
+
+def _previous_output(output: str, overwrite: bool) -> tuple[dict | None, list[str]]:
+    """What is at ``output`` now: its ``_SUCCESS.json`` (or None) and unfinished version folders.
+
+    Raises:
+        ConfigError: the folder holds anything but medbalance predictions, or holds predictions
+            and ``overwrite`` is off.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(output)
+    if not storage.exists(fs, path, output):
+        return None, []
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    if not entries:
+        return None, []
+    names = {e.base_name: e for e in entries}
+    success = None
+    if SUCCESS in names:
+        success = json.loads(storage.read_bytes(fs, f"{path}/{SUCCESS}", output))
+    listed = {f.split("/", 1)[0] for f in (success or {}).get("files", [])}
+    ours = {SUCCESS} | listed | {n for n, e in names.items()
+                                 if n.startswith(VERSION_PREFIX) and e.type == pafs.FileType.Directory}
+    foreign = sorted(set(names) - ours)
+    if foreign:
+        raise ConfigError(
+            f"{output} is not a medbalance predictions folder (it holds {foreign[:5]}"
+            f"{' ...' if len(foreign) > 5 else ''}{'' if success else ' and no ' + SUCCESS}); "
+            "nothing was deleted. Choose an empty or new --output")
+    if not overwrite:
+        what = "predictions" if success else "unfinished predictions of an interrupted run"
+        raise ConfigError(f"{output} is not empty: it holds {what}; pass --overwrite to replace them, or "
+                          "choose another --output")
+    stale = sorted(n for n in names if n.startswith(VERSION_PREFIX) and n not in listed)
+    return success, stale
+
+
+def _remove_previous(output: str, success: dict | None, stale: list[str], keep: str) -> None:
+    """Delete what an earlier run wrote: the files its _SUCCESS.json listed, and stale versions."""
+    fs, path = storage.resolve(output)
+    for rel in (success or {}).get("files", []):
+        top = rel.split("/", 1)[0]
+        if top == keep:
+            continue
+        if "/" in rel:
+            storage.delete_dir(fs, f"{path}/{top}")
+        else:
+            try:
+                fs.delete_file(f"{path}/{rel}")
+            except FileNotFoundError:
+                pass
+    for name in stale:
+        if name != keep:
+            storage.delete_dir(fs, f"{path}/{name}")
+
+
+class _PartWriter:
+    """Parquet files of at least ``rows_per_file`` rows, each written whole (S3: one upload)."""
+
+    def __init__(self, fs, folder: str, rows_per_file: int):
+        self.fs, self.folder, self.rows_per_file = fs, folder, rows_per_file
+        self.pending: list = []
+        self.pending_rows = 0
+        self.names: list[str] = []
+        storage.ensure_dir(fs, folder)
+
+    def write(self, table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.pending_rows += table.num_rows
+        if self.pending_rows >= self.rows_per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending:
+            return
+        name = f"part-{len(self.names):05d}.parquet"
+        table = pa.concat_tables(self.pending, promote_options="permissive")
+        with self.fs.open_output_stream(f"{self.folder}/{name}") as sink:
+            pq.write_table(table, sink)
+        self.names.append(name)
+        self.pending, self.pending_rows = [], 0
+
+    def close(self) -> list[str]:
+        self._flush()
+        return self.names
+
+
+def _row_count(input_uri: str, split: str | None) -> int | None:
+    """Rows a shard input holds (for the progress line); None for an image folder."""
+    from shards import read_manifest
+
+    fs, path = storage.resolve(input_uri)
+    if not storage.exists(fs, f"{path}/{MANIFEST_NAME}", input_uri):
+        return None
+    manifest = read_manifest(input_uri)
+    return sum(sum(manifest.counts.get(s, {}).values()) for s in ([split] if split else manifest.splits()))
+
+
+def read_predictions(output: str):
+    """The predictions at ``output`` as a pyarrow Table: exactly the files ``_SUCCESS.json`` lists.
+
+    Raises:
+        DataError: no ``_SUCCESS.json`` (not predictions, or a run that never finished).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(output)
+    if not storage.exists(fs, f"{path}/{SUCCESS}", output):
+        raise DataError(f"{storage.join(output, SUCCESS)} does not exist: {output} holds no finished "
+                        "predictions")
+    success = json.loads(storage.read_bytes(fs, f"{path}/{SUCCESS}", output))
+    tables = [pq.read_table(f"{path}/{f}", filesystem=fs) for f in success["files"]]
+    return pa.concat_tables(tables) if tables else None
 
 
 def _input_dataset(input_uri: str, split: str | None):
+    """Encoded rows (``image``, ``label``, ``source``, ``path``) of a shard dataset or an image folder."""
     import ray.data
 
     from shards import ray_dataset, read_manifest
@@ -43,10 +197,9 @@ def _input_dataset(input_uri: str, split: str | None):
     if storage.exists(fs, f"{path}/{MANIFEST_NAME}", input_uri):
         manifest = read_manifest(input_uri)
         splits = [split] if split else manifest.splits()
-        parts = [ray_dataset(input_uri, s, columns=["image", "label", "source"]) for s in splits]
+        parts = [ray_dataset(input_uri, s, columns=["image", "label", "source"], include_paths=True)
+                 for s in splits]
         return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if not storage.exists(fs, path, input_uri):
-        raise DataError(f"input {input_uri} does not exist")
     ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True,
                                     file_extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS]
                                     + [e.lstrip(".").upper() for e in IMAGE_EXTENSIONS])
@@ -60,45 +213,92 @@ def _input_dataset(input_uri: str, split: str | None):
     return ds.map_batches(rename, batch_format="numpy")
 
 
+def _to_rows(batch: dict, class_names: list[str]) -> dict:
+    """Logits -> the output columns (probabilities by a stable softmax, the argmax and its name)."""
+    logits = np.stack(batch["logits"]).astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    prediction = probs.argmax(axis=1)
+    return {"source": batch["source"], "label": batch["label"],
+            "probabilities": [p.astype(np.float32).tolist() for p in probs],
+            "prediction": prediction.astype(np.int64),
+            "predicted_class": np.array([class_names[i] for i in prediction], dtype=object)}
+
+
+def write_predictions(checkpoint: str, input_uri: str, split: str | None, folder_uri: str, *,
+                      image_size: int, class_names: list[str], total: int | None, num_actors: int,
+                      use_gpu: bool, batch_size: int) -> list[str]:
+    """Score every input image and write the Parquet files into ``folder_uri``; returns their names.
+
+    Runs as a Ray task (``ray_runtime.run_as_task``). On any failure it removes what it wrote; a
+    damaged input becomes one DataError naming the file.
+    """
+    from ray_jobs.inference import logits_dataset
+
+    fs, folder = storage.resolve(folder_uri)
+    progress = Progress("predicted", total=total, unit="images")
+    failure = None
+    try:
+        ds = logits_dataset(_input_dataset(input_uri, split), checkpoint, image_size,
+                            num_actors=num_actors, use_gpu=use_gpu, batch_size=batch_size)
+        writer = _PartWriter(fs, folder, OUTPUT_ROWS_PER_FILE)
+        for batch in ds.map_batches(_to_rows, batch_format="numpy",
+                                    fn_kwargs={"class_names": class_names}).iter_batches(
+                batch_size=None, batch_format="pyarrow"):
+            writer.write(batch)
+            progress.update(batch.num_rows)
+        names = writer.close()
+        progress.finish()
+        return names
+    except BaseException as exc:
+        storage.delete_dir(fs, folder)  # only what this run wrote
+        failure = data_error_message(exc, input_uri, advice=None if total is not None else
+                                     "remove or replace that image file and run again")
+        if failure is None:
+            raise
+    # The failed Ray Data executor sits in a reference cycle that holds its actors (and their
+    # CPUs) until the next garbage collection; collect now, or a following job could starve.
+    gc.collect()
+    raise DataError(failure)
+
+
 def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, num_actors: int = 1,
             use_gpu: bool = False, overwrite: bool = False, batch_size: int = 64) -> dict:
-    """Write predictions for every image of ``input_uri``; returns the ``_SUCCESS.json`` content."""
-    import pyarrow.fs as pafs
+    """Write predictions for every image of ``input_uri``; returns the ``_SUCCESS.json`` content.
 
-    from ray_jobs.inference import logits_dataset
+    Every check (checkpoint, input shards, overlap, what is at ``output``) runs before Ray starts.
+    """
+    from ray_jobs.ray_runtime import run_as_task
+    from shards import check_shards
 
     checkpoint = resolve_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint)
-    class_names = state["class_names"]
+    check_not_overlapping(input_uri, output)
+    previous, stale = _previous_output(output, overwrite)
+    in_fs, in_path = storage.resolve(input_uri)
+    if storage.exists(in_fs, f"{in_path}/{MANIFEST_NAME}", input_uri):
+        check_shards(input_uri, splits=[split] if split else None)
+    elif not storage.exists(in_fs, in_path, input_uri):
+        raise DataError(f"input {input_uri} does not exist")
+    version = f"{VERSION_PREFIX}{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     out_fs, out_path = storage.resolve(output)
-    if storage.exists(out_fs, out_path, output):
-        existing = out_fs.get_file_info(pafs.FileSelector(out_path, recursive=True))
-        if existing and not overwrite:
-            raise ConfigError(f"{output} is not empty; pass --overwrite to replace it, or choose another --output")
-        storage.delete_dir(out_fs, out_path)
     started = time.perf_counter()
-    ds = logits_dataset(_input_dataset(input_uri, split), checkpoint, state["config"]["data"]["image_size"],
-                        num_actors=num_actors, use_gpu=use_gpu, batch_size=batch_size)
+    names = run_as_task(write_predictions, checkpoint, input_uri, split, storage.join(output, version),
+                        image_size=state["config"]["data"]["image_size"], class_names=state["class_names"],
+                        total=_row_count(input_uri, split), num_actors=num_actors, use_gpu=use_gpu,
+                        batch_size=batch_size)
+    files = [f"{version}/{name}" for name in names]
+    try:
+        import pyarrow.parquet as pq
 
-    def to_rows(batch: dict) -> dict:
-        logits = np.stack(batch["logits"]).astype(np.float64)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        prediction = probs.argmax(axis=1)
-        return {"source": batch["source"], "label": batch["label"],
-                "probabilities": [p.astype(np.float32).tolist() for p in probs],
-                "prediction": prediction.astype(np.int64),
-                "predicted_class": np.array([class_names[i] for i in prediction], dtype=object)}
-
-    ds.map_batches(to_rows, batch_format="numpy").write_parquet(out_path, filesystem=out_fs,
-                                                                 min_rows_per_file=OUTPUT_ROWS_PER_FILE)
-    files = sorted(i.path[len(out_path) + 1:] for i in out_fs.get_file_info(pafs.FileSelector(out_path))
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-    import pyarrow.parquet as pq
-    rows = sum(pq.ParquetFile(f"{out_path}/{f}", filesystem=out_fs).metadata.num_rows for f in files)
-    success = {"files": files, "rows": rows, "checkpoint": checkpoint, "input": input_uri,
-               "class_names": class_names, "seconds": round(time.perf_counter() - started, 2)}
-    storage.write_bytes_atomic(out_fs, f"{out_path}/{SUCCESS}", json.dumps(success, indent=2).encode(), output)
+        rows = sum(pq.ParquetFile(f"{out_path}/{f}", filesystem=out_fs).metadata.num_rows for f in files)
+        success = {"files": files, "rows": rows, "checkpoint": checkpoint, "input": input_uri,
+                   "class_names": state["class_names"], "seconds": round(time.perf_counter() - started, 2)}
+        storage.write_bytes_atomic(out_fs, f"{out_path}/{SUCCESS}", json.dumps(success, indent=2).encode(), output)
+    except BaseException:
+        storage.delete_dir(out_fs, f"{out_path}/{version}")
+        raise
+    _remove_previous(output, previous, stale, keep=version)
     return success
 
 
@@ -111,15 +311,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gpu", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier predictions at --output (only after the new ones are complete)")
+    add_verbose_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.train import init_ray
-
     args = get_args_parser().parse_args(argv)
-    init_ray()
     success = predict(args.checkpoint, args.input, args.output, split=args.split, num_actors=args.num_actors,
                       use_gpu=args.gpu, overwrite=args.overwrite, batch_size=args.batch_size)
     print(f"wrote {success['rows']} predictions in {len(success['files'])} file(s) to {args.output} "

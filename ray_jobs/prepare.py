@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from ray_jobs.cli import run_main
+from ray_jobs.cli import add_verbose_flag, run_main
 from shards import ingest, summary_table, verify
 
 
@@ -37,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
     p.add_argument("--verify", metavar="URI", default=None,
                    help="re-read a dataset: checksums, rows and every image; exit 2 on damage")
+    add_verbose_flag(p)
     return p
 
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         report = verify(args.verify)
         print(f"OK {args.verify}: {report.shards} shard(s), {report.rows} rows, "
               f"{report.bytes / 1e6:.1f} MB verified in {time.perf_counter() - started:.1f} s")
+        if report.unlisted_dirs:
+            print(f"note: {len(report.unlisted_dirs)} shard folder(s) that the manifest does not list, "
+                  f"left by an interrupted ingest: {', '.join(report.unlisted_dirs[:5])}; they are not "
+                  "part of the dataset. Re-run the ingest with --overwrite to remove them, or delete them")
         return 0
     if not args.input or not args.output:
         get_args_parser().error("--input and --output are required (or use --verify URI)")

@@ -13,13 +13,25 @@ KEPT_FORMATS = {"PNG", "JPEG"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm"}
 
 
-def _to_array(img: Image.Image) -> np.ndarray:
+# What PIL raises for bytes that are not a (complete, sane) image. A decompression bomb (an image
+# whose pixel count exceeds PIL's limit) is refused like any other undecodable file.
+_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
+
+
+def _to_array(img: Image.Image, where: str) -> np.ndarray:
     """PIL image -> H x W x C uint8 with C in {1, 3} (grey stays grey; anything else -> RGB)."""
     if img.mode == "L":
         return np.asarray(img, dtype=np.uint8)[:, :, None]
-    if img.mode in ("I;16", "I", "F"):
-        raise DataError(f"{img.mode} images (16/32-bit) are not supported; convert to 8-bit first")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        raise DataError(f"{where}: {img.mode} images (16/32-bit) are not supported; convert to 8-bit first")
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _decode_failure(where: str, exc: Exception) -> DataError:
+    if isinstance(exc, Image.DecompressionBombError):
+        return DataError(f"{where}: refused as a possible decompression bomb ({exc}); if it is a real "
+                         "image, downscale it before ingest")
+    return DataError(f"{where}: cannot decode image ({exc})")
 
 
 def encode_file_bytes(data: bytes, where: str) -> tuple[bytes, int, int, int]:
@@ -40,11 +52,9 @@ def encode_file_bytes(data: bytes, where: str) -> tuple[bytes, int, int, int]:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             img.load()
-            array = _to_array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"{where}: cannot decode image ({exc}); remove or replace the file and run again"
-        ) from exc
+            array = _to_array(img, where)
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{_decode_failure(where, exc)}; remove or replace the file and run again") from exc
     if fmt not in KEPT_FORMATS:
         data = encode_array_png(array)
     height, width, channels = array.shape
@@ -67,9 +77,9 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{where}: cannot decode image ({exc})") from exc
+            return _to_array(img, where)
+    except _DECODE_ERRORS as exc:
+        raise _decode_failure(where, exc) from exc
 
 
 def sha256_hex(data: bytes) -> str:

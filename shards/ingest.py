@@ -183,6 +183,9 @@ def scan_csv(input_uri: str, classes: list[str] | None) -> Scanned:
         if len(row) < 2:
             raise DataError(f"{where}: expected 'path,label[,split]', got {row}")
         rel, label = row[0].strip(), row[1].strip()
+        if not label:
+            raise DataError(f"{where}: the label of {rel!r} is empty; give every row a class name "
+                            "(or drop the row)")
         split = row[2].strip() if has_split and len(row) > 2 else None
         if split is not None and split not in SPLITS:
             raise DataError(f"{where}: split {split!r} is not one of {list(SPLITS)}")
@@ -311,6 +314,46 @@ def assign_splits(records: list[Record], class_names: list[str], val: float, tes
 
 
 # ----------------------------------------------------------------------------- encoding
+def _die_with_parent(parent_pid: int) -> None:
+    """Encoding-worker initializer: end this process when the ingest that started it is gone.
+
+    On Linux the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG), even if the
+    parent was SIGKILLed; a watchdog thread covers the other systems. Without this, a killed
+    ingest would leave its encoding workers (hundreds of MB each) running, adopted by PID 1.
+    """
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued and end the encoding workers now (not after their current chunk)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+
+
 @lru_cache(maxsize=4)
 def _input_fs(input_uri: str) -> pafs.FileSystem:
     return storage.resolve(input_uri)[0]
@@ -379,24 +422,25 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     workers = workers or os.cpu_count() or 1
     progress = _Progress(len(ordered))
     started = time.perf_counter()
+    chunks = [ordered[i:i + CHUNK] for i in range(0, len(ordered), CHUNK)]
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
-        chunks = [ordered[i:i + CHUNK] for i in range(0, len(ordered), CHUNK)]
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            if scanned.fmt == "npz":
-                futures = [pool.submit(_encode_arrays, np.stack(
-                    [scanned.arrays[r.split][r.ref] for r in chunk])) for chunk in chunks]
-            else:
-                futures = [pool.submit(_encode_files, input_uri,
-                                       [(storage.join(base_uri, r.source), r.ref) for r in chunk])
-                           for chunk in chunks]
-            for chunk, future in zip(chunks, futures):
-                for record, (data, h, w, c) in zip(chunk, future.result()):
-                    writer.add({"image": data, "height": h, "width": w, "channels": c,
-                                "label": record.label, "split": record.split,
-                                "source": record.source, "synthetic": False,
-                                "sha256": sha256_hex(data)})
-                progress.step(len(chunk))
+        if scanned.fmt == "npz":
+            futures = [pool.submit(_encode_arrays, np.stack(
+                [scanned.arrays[r.split][r.ref] for r in chunk])) for chunk in chunks]
+        else:
+            futures = [pool.submit(_encode_files, input_uri,
+                                   [(storage.join(base_uri, r.source), r.ref) for r in chunk])
+                       for chunk in chunks]
+        for chunk, future in zip(chunks, futures):
+            for record, (data, h, w, c) in zip(chunk, future.result()):
+                writer.add({"image": data, "height": h, "width": w, "channels": c,
+                            "label": record.label, "split": record.split,
+                            "source": record.source, "synthetic": False,
+                            "sha256": sha256_hex(data)})
+            progress.step(len(chunk))
+        pool.shutdown(wait=True)
         manifest = writer.publish({
             "input": input_uri, "format": scanned.fmt, "seed": seed,
             "split_ratios": None if scanned.given_splits else {"val": val, "test": test},
@@ -405,9 +449,8 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
             "medbalance_version": medbalance.__version__,
             "seconds": round(time.perf_counter() - started, 3),
         })
-    except BaseException:
-        for f in locals().get("futures", []):
-            f.cancel()
+    except BaseException:  # also KeyboardInterrupt and SIGTERM (ray_jobs.cli): leave nothing behind
+        _stop_pool(pool)
         writer.abort()
         raise
     return manifest

@@ -36,6 +36,34 @@ def read_manifest(uri: str) -> Manifest:
     return Manifest.from_json(text, where=storage.join(uri, MANIFEST_NAME))
 
 
+def check_shards(uri: str, manifest: Manifest | None = None, splits: list[str] | None = None) -> Manifest:
+    """Check, in seconds and before any job starts, that every shard of ``splits`` (default all)
+    exists with the size the manifest records. It does not read them (``verify`` does).
+
+    Raises:
+        DataError: naming the first missing or wrong-sized shard, and pointing to ``--verify``.
+    """
+    import pyarrow.fs as pafs
+
+    manifest = manifest or read_manifest(uri)
+    fs, root = storage.resolve(uri)
+    shards = [s for s in manifest.shards if splits is None or s.split in splits]
+    try:
+        infos = fs.get_file_info([f"{root}/{s.path}" for s in shards])
+    except OSError as exc:
+        raise storage.explain(uri, exc, "list the shards of") from exc
+    advice = (f"run `python -m ray_jobs.prepare --verify {uri}` to check every shard, then re-create "
+              "the dataset with `python -m ray_jobs.prepare ... --overwrite`")
+    for shard, info in zip(shards, infos):
+        where = storage.join(uri, shard.path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"shard {where} listed in the manifest is missing; {advice}")
+        if info.size != shard.bytes:
+            raise DataError(f"shard {where} has {info.size} bytes but the manifest records {shard.bytes} "
+                            f"(truncated or replaced); {advice}")
+    return manifest
+
+
 def shard_paths(uri: str, manifest: Manifest, split: str) -> list[str]:
     """Paths (on the dataset's filesystem) of one split's shards."""
     _, root = storage.resolve(uri)
@@ -123,6 +151,7 @@ class VerifyReport:
     shards: int
     rows: int
     bytes: int
+    unlisted_dirs: list = dataclasses.field(default_factory=list)  # shards-* folders no manifest lists
 
 
 def verify(uri: str) -> VerifyReport:
@@ -169,4 +198,7 @@ def verify(uri: str) -> VerifyReport:
                             "decodes, so the damage is outside the image bytes); re-create the dataset")
         total_rows += table.num_rows
         total_bytes += len(data)
-    return VerifyReport(shards=len(manifest.shards), rows=total_rows, bytes=total_bytes)
+    from shards.writer import unlisted_shard_dirs
+
+    return VerifyReport(shards=len(manifest.shards), rows=total_rows, bytes=total_bytes,
+                        unlisted_dirs=unlisted_shard_dirs(fs, root, manifest))

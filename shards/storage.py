@@ -38,19 +38,29 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+# Timeouts: a server that accepts connections and never answers fails a request after
+# REQUEST_TIMEOUT_S without a byte (it is a stall timeout, so a long upload that makes progress is
+# not cut), at most S3_ATTEMPTS times: ~25 s in all, not minutes.
+CONNECT_TIMEOUT_S = 5
+REQUEST_TIMEOUT_S = 8
+S3_ATTEMPTS = 3
+
+
 def _s3_from_env() -> pafs.S3FileSystem:
+    """An S3 filesystem for the endpoint and region in the environment.
+
+    Credentials are NOT passed in: the AWS SDK's default chain finds them (``AWS_ACCESS_KEY_ID``
+    / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, a profile, or an instance role) in each
+    process that uses the filesystem. A filesystem given explicit keys carries them when pickled,
+    and Ray pickles filesystems into tasks, actors and Tune's experiment state; this one does not.
+    """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs: dict = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        "connect_timeout": 10,
-        "request_timeout": 60,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
     }
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
@@ -98,7 +108,8 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([base, *[p.strip("/") for p in parts if p]])
 
 
-def _explain(uri: str, exc: Exception, doing: str) -> StorageError:
+def explain(uri: str, exc: Exception, doing: str) -> StorageError:
+    """A StorageError that says what could not be done, where, and (for S3) what to check."""
     hint = ""
     if is_remote(uri):
         hint = (
@@ -113,7 +124,7 @@ def exists(fs: pafs.FileSystem, path: str, uri: str | None = None) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as exc:
-        raise _explain(uri or path, exc, "reach") from exc
+        raise explain(uri or path, exc, "reach") from exc
 
 
 def read_bytes(fs: pafs.FileSystem, path: str, uri: str | None = None) -> bytes:
@@ -124,7 +135,7 @@ def read_bytes(fs: pafs.FileSystem, path: str, uri: str | None = None) -> bytes:
     except FileNotFoundError as exc:
         raise StorageError(f"{uri or path} does not exist") from exc
     except OSError as exc:
-        raise _explain(uri or path, exc, "read") from exc
+        raise explain(uri or path, exc, "read") from exc
 
 
 def ensure_dir(fs: pafs.FileSystem, path: str, uri: str | None = None) -> None:
@@ -132,7 +143,7 @@ def ensure_dir(fs: pafs.FileSystem, path: str, uri: str | None = None) -> None:
     try:
         fs.create_dir(path, recursive=True)
     except OSError as exc:
-        raise _explain(uri or path, exc, "create") from exc
+        raise explain(uri or path, exc, "create") from exc
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, uri: str | None = None) -> None:
@@ -159,7 +170,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, uri: str | N
             with fs.open_output_stream(path) as f:
                 f.write(data)
     except OSError as exc:
-        raise _explain(uri or path, exc, "write") from exc
+        raise explain(uri or path, exc, "write") from exc
 
 
 def delete_dir(fs: pafs.FileSystem, path: str) -> None:

@@ -5,6 +5,10 @@ Nothing a reader can see changes until :meth:`ShardWriter.publish`: shards go to
 atomically (the one switch-over point) and only then removes the shards of the dataset it
 replaced. :meth:`ShardWriter.abort` removes the new folder, so a failed job leaves the output as
 it found it.
+
+A ``shards-*`` folder that no manifest lists was left by an ingest that was killed (SIGKILL, a
+lost machine) before it could clean up. :func:`unlisted_shard_dirs` finds them; a rerun and
+``--verify`` report them, and ``--overwrite`` removes them after the new manifest is published.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import logging
 import uuid
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from medbalance.errors import DataError
@@ -23,8 +28,20 @@ from shards.schema import MANIFEST_NAME, SCHEMA, SPLITS, Manifest, ShardInfo
 
 logger = logging.getLogger(__name__)
 
+SHARD_DIR_PREFIX = "shards-"
 DEFAULT_SHARD_BYTES = 128 * 1024 * 1024
 ROW_GROUP_BYTES = 16 * 1024 * 1024
+
+
+def unlisted_shard_dirs(fs: pafs.FileSystem, root: str, manifest: Manifest | None) -> list[str]:
+    """Names of ``shards-*`` folders under ``root`` that ``manifest`` does not list."""
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    except OSError:
+        return []
+    listed = {s.path.split("/", 1)[0] for s in manifest.shards} if manifest else set()
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
+                  and e.base_name.startswith(SHARD_DIR_PREFIX) and e.base_name not in listed)
 
 
 class ShardWriter:
@@ -44,8 +61,14 @@ class ShardWriter:
         self.class_names = list(class_names)
         self.shard_bytes = int(shard_bytes)
         self.previous = self._check_output(overwrite)
+        self.unlisted = unlisted_shard_dirs(self.fs, self.root, self.previous)
+        if self.unlisted and not overwrite:
+            logger.warning("%s holds %d shard folder(s) that no manifest lists, left by an interrupted "
+                           "ingest: %s; they are not part of any dataset. --overwrite removes them",
+                           output, len(self.unlisted), ", ".join(self.unlisted[:5]))
+        self.remove_unlisted = overwrite
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        self.run_dir = f"shards-{stamp}-{uuid.uuid4().hex[:6]}"
+        self.run_dir = f"{SHARD_DIR_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
         self.shards: list[ShardInfo] = []
         self.counts = {s: {c: 0 for c in self.class_names} for s in SPLITS}
         self._buffers: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -108,10 +131,13 @@ class ShardWriter:
         storage.write_bytes_atomic(self.fs, f"{self.root}/{MANIFEST_NAME}",
                                    manifest.to_json().encode("utf-8"),
                                    storage.join(self.output, MANIFEST_NAME))
-        if self.previous is not None:
-            for old_dir in sorted({s.path.split("/", 1)[0] for s in self.previous.shards}):
-                if old_dir != self.run_dir:
-                    storage.delete_dir(self.fs, f"{self.root}/{old_dir}")
+        old_dirs = {s.path.split("/", 1)[0] for s in self.previous.shards} if self.previous else set()
+        if self.remove_unlisted:
+            old_dirs |= set(self.unlisted)
+        for old_dir in sorted(old_dirs):
+            # Only folders this format writes: a manifest naming anything else is not obeyed.
+            if old_dir != self.run_dir and old_dir.startswith(SHARD_DIR_PREFIX):
+                storage.delete_dir(self.fs, f"{self.root}/{old_dir}")
         return manifest
 
     def abort(self) -> None:

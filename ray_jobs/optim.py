@@ -1,0 +1,53 @@
+"""Optimisers and learning-rate schedules of the classifier jobs, by name.
+
+The schedule is a function of the fractional epoch (``step / steps_per_epoch``), so a warm-up or a
+decay lands at the same point whatever the batch size and worker count.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from medbalance.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ray_jobs.train import OptimSection
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "multistep", "none")
+
+
+def build_optimizer(params, cfg: "OptimSection") -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"unknown optimizer {cfg.name!r}; use one of {OPTIMIZERS}")
+
+
+def lr_factor(epoch_float: float, cfg: "OptimSection", epochs: int) -> float:
+    """Multiplier of the base lr at a (fractional) epoch: linear warm-up, then the schedule."""
+    if cfg.warmup_epochs > 0 and epoch_float < cfg.warmup_epochs:
+        return max(epoch_float / cfg.warmup_epochs, 1e-3)
+    if cfg.schedule == "cosine":
+        span = max(epochs - cfg.warmup_epochs, 1e-8)
+        return 0.5 * (1 + math.cos(math.pi * min((epoch_float - cfg.warmup_epochs) / span, 1.0)))
+    if cfg.schedule == "step":
+        return cfg.gamma ** int(epoch_float // cfg.step_size)
+    if cfg.schedule == "multistep":
+        return cfg.gamma ** sum(epoch_float >= m for m in cfg.milestones)
+    if cfg.schedule == "none":
+        return 1.0
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; use one of {SCHEDULES}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: "OptimSection", epochs: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler that applies :func:`lr_factor`."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step / steps_per_epoch, cfg, epochs))
