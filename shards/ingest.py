@@ -14,8 +14,10 @@ while shards are written; a failure there aborts the writer (no output is left).
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
+import itertools
 import io
 import logging
 import multiprocessing
@@ -111,7 +113,7 @@ def scan_folder(input_uri: str, classes: list[str] | None) -> Scanned:
         entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as exc:
         raise DataError(f"cannot list {input_uri}: {exc}") from exc
-    rels = [(e, posixpath.relpath(e.path, root) if isinstance(fs, pafs.S3FileSystem)
+    rels = [(e, posixpath.relpath(e.path, root) if not isinstance(fs, pafs.LocalFileSystem)
              else os.path.relpath(e.path, root)) for e in entries]
     top_dirs = {r.split("/")[0] for e, r in rels if e.type == pafs.FileType.Directory and "/" not in r}
     given_splits = bool(top_dirs) and top_dirs <= set(SPLITS) and "train" in top_dirs
@@ -425,21 +427,29 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     chunks = [ordered[i:i + CHUNK] for i in range(0, len(ordered), CHUNK)]
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_die_with_parent, initargs=(os.getpid(),))
-    try:
+    def submit(chunk: list[Record]):
         if scanned.fmt == "npz":
-            futures = [pool.submit(_encode_arrays, np.stack(
-                [scanned.arrays[r.split][r.ref] for r in chunk])) for chunk in chunks]
-        else:
-            futures = [pool.submit(_encode_files, input_uri,
-                                   [(storage.join(base_uri, r.source), r.ref) for r in chunk])
-                       for chunk in chunks]
-        for chunk, future in zip(chunks, futures):
+            return pool.submit(_encode_arrays, np.stack([scanned.arrays[r.split][r.ref] for r in chunk]))
+        return pool.submit(_encode_files, input_uri, [(storage.join(base_uri, r.source), r.ref) for r in chunk])
+
+    try:
+        # A bounded window of chunks in flight: memory stays flat however large the input is, and
+        # results are written in input order.
+        in_flight: collections.deque = collections.deque()
+        pending = iter(chunks)
+        for chunk in itertools.islice(pending, 2 * workers + 2):
+            in_flight.append((chunk, submit(chunk)))
+        while in_flight:
+            chunk, future = in_flight.popleft()
             for record, (data, h, w, c) in zip(chunk, future.result()):
                 writer.add({"image": data, "height": h, "width": w, "channels": c,
                             "label": record.label, "split": record.split,
                             "source": record.source, "synthetic": False,
                             "sha256": sha256_hex(data)})
             progress.step(len(chunk))
+            following = next(pending, None)
+            if following is not None:
+                in_flight.append((following, submit(following)))
         pool.shutdown(wait=True)
         manifest = writer.publish({
             "input": input_uri, "format": scanned.fmt, "seed": seed,

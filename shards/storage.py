@@ -7,7 +7,7 @@ URI                            filesystem                   path
 =============================  ==========================  ===========================
 ``/data/x``, ``./x``           ``LocalFileSystem``          absolute local path
 ``file:///data/x``             ``LocalFileSystem``          ``/data/x``
-``s3://bucket/prefix``         ``S3FileSystem``             ``bucket/prefix``
+``s3://bucket/prefix``         retrying ``S3FileSystem``    ``bucket/prefix``
 =============================  ==========================  ===========================
 
 The S3 endpoint and credentials come from the standard AWS variables, so MinIO, Ceph, SeaweedFS
@@ -21,6 +21,7 @@ Writes that must never be seen half-done go through :func:`write_bytes_atomic`.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from urllib.parse import urlparse
 
@@ -38,34 +39,15 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-# Timeouts: a server that accepts connections and never answers fails a request after
-# REQUEST_TIMEOUT_S without a byte (it is a stall timeout, so a long upload that makes progress is
-# not cut), at most S3_ATTEMPTS times: ~25 s in all, not minutes.
-CONNECT_TIMEOUT_S = 5
-REQUEST_TIMEOUT_S = 8
-S3_ATTEMPTS = 3
+def _s3_from_env() -> pafs.FileSystem:
+    """The S3 filesystem for the endpoint and region in the environment (shards.retrying_fs):
+    it retries transient failures for a while, fails at once on wrong credentials or a missing
+    bucket, and carries no credentials when pickled (the AWS SDK's default chain finds them in
+    each process: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, a
+    profile, or an instance role)."""
+    from shards.retrying_fs import retrying_s3_from_env
 
-
-def _s3_from_env() -> pafs.S3FileSystem:
-    """An S3 filesystem for the endpoint and region in the environment.
-
-    Credentials are NOT passed in: the AWS SDK's default chain finds them (``AWS_ACCESS_KEY_ID``
-    / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, a profile, or an instance role) in each
-    process that uses the filesystem. A filesystem given explicit keys carries them when pickled,
-    and Ray pickles filesystems into tasks, actors and Tune's experiment state; this one does not.
-    """
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "request_timeout": REQUEST_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
-    }
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-        kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme or "http"
-    return pafs.S3FileSystem(**kwargs)
+    return retrying_s3_from_env()
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -108,21 +90,51 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([base, *[p.strip("/") for p in parts if p]])
 
 
+_DENIED = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|INVALID_ACCESS_KEY|SignatureDoesNotMatch|"
+                     r"SIGNATURE_DOES_NOT_MATCH|HTTP response code 403|MISSING_AUTHENTICATION", re.IGNORECASE)
+_NO_BUCKET = re.compile(r"NoSuchBucket|NO_SUCH_BUCKET|bucket does not exist|Bucket '[^']*' not found", re.IGNORECASE)
+
+
 def explain(uri: str, exc: Exception, doing: str) -> StorageError:
     """A StorageError that says what could not be done, where, and (for S3) what to check."""
-    hint = ""
-    if is_remote(uri):
-        hint = (
-            " Check that the bucket exists and that AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY point at a reachable S3 server."
-        )
-    return StorageError(f"cannot {doing} {uri}: {exc}.{hint}")
+    from shards.retrying_fs import is_transient
+
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not is_remote(uri):
+        return StorageError(f"cannot {doing} {uri}: {detail}")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    if _DENIED.search(str(exc)):
+        hint = (f"the S3 server at {endpoint} refused the credentials: check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or the instance role) and the bucket's permissions")
+    elif _NO_BUCKET.search(str(exc)):
+        hint = f"bucket {bucket!r} does not exist at {endpoint}: create it, or fix the URI or AWS_ENDPOINT_URL"
+    elif is_transient(exc):
+        hint = (f"the S3 endpoint {endpoint} did not answer: check AWS_ENDPOINT_URL and that the "
+                "server is up and reachable from this machine")
+    else:
+        hint = ("check that the bucket exists and that AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY point at a reachable S3 server")
+    return StorageError(f"cannot {doing} {uri}: {hint} ({detail})")
 
 
 def exists(fs: pafs.FileSystem, path: str, uri: str | None = None) -> bool:
-    """True if ``path`` is a file or directory on ``fs``."""
+    """True if ``path`` is a file or directory on ``fs``.
+
+    Raises:
+        StorageError: the storage cannot be reached, or (S3) the bucket itself does not exist:
+            that is a wrong URI or endpoint, not a missing file.
+    """
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        found = fs.get_file_info(path).type != pafs.FileType.NotFound
+        if not found and uri and is_remote(uri) and "/" in path:
+            bucket = path.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(
+                    f"cannot reach {uri}: bucket {bucket!r} does not exist at "
+                    f"{os.environ.get('AWS_ENDPOINT_URL_S3') or os.environ.get('AWS_ENDPOINT_URL') or 'AWS S3'}: "
+                    "create it, or fix the URI or AWS_ENDPOINT_URL")
+        return found
     except OSError as exc:
         raise explain(uri or path, exc, "reach") from exc
 

@@ -27,6 +27,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own embedded Ray (a job as a user runs it) go first, before the
+    session cluster exists: with two Ray instances on one machine, Ray Train's placement-group
+    cleaner cannot tell which one is its own."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("embedded_ray") else 1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,6 +29,7 @@ SUPPRESSED = (
 
 
 @pytest.mark.slow
+@pytest.mark.embedded_ray
 def test_fresh_clone_runs_the_demo_quietly(tmp_path):
     clone = tmp_path / "medbalance"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)

@@ -199,6 +199,7 @@ def test_ingest_overwrite_only_deletes_shard_folders(small_npz, tmp_path):
 # ----------------------------------------------------------------------------- part 0: secrets
 @pytest.mark.slow
 @pytest.mark.s3
+@pytest.mark.embedded_ray
 def test_planted_secret_appears_nowhere(s3_server, small_npz, tmp_path):
     """prepare -> train -> evaluate on S3 with the embedded Ray; grep every file for the secret."""
     fs = s3_server["fs"]
@@ -285,7 +286,13 @@ def test_sigterm_during_ingest_leaves_no_shards_and_no_workers(slow_npz, tmp_pat
     try:
         children = wait_for_shards(proc, out)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143, proc.stdout.read()
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it hangs
+            stacks = subprocess.run([str(Path(sys.executable).with_name("py-spy")), "dump", "--pid", str(proc.pid)],
+                                    capture_output=True, text=True).stdout
+            raise AssertionError(f"the ingest did not exit within 120 s of SIGTERM:\n{stacks}")
+        assert code == 143, proc.stdout.read()
     finally:
         stop_process_group(proc)
     assert "terminated" in proc.stdout.read()
