@@ -62,6 +62,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float | None = None   # None: derived from the cluster (ray_jobs.resources.plan_cpus)
+    placement_strategy: str = "PACK"  # Ray Train's: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)
     amp: str = "auto"                # auto (GPU: bf16 if supported else fp16; CPU: off) | bf16 | fp16 | off
     sync_batchnorm: bool = False
     channels_last: bool = False

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -155,6 +156,9 @@ def train_loop_per_worker(config: dict) -> dict:
             say(f"resumed from the checkpoint of epoch {state['epoch']}: continuing at epoch {start_epoch}")
 
     _maybe_inject_fault(cfg.fault_injection, rank, -1)
+    # Where each rank runs (node id, host), for the run's result: a cluster run can show its spread.
+    worker_nodes = collectives.gather_objects({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                               "host": platform.node()})
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     try:
@@ -240,8 +244,9 @@ def train_loop_per_worker(config: dict) -> dict:
     except _Stop as stop:
         if rank == 0:
             say(stop.message)
-        return {"status": stop.status, "message": stop.message, "start_epoch": start_epoch}
-    return {"status": "ok", "message": "", "start_epoch": start_epoch}
+        return {"status": stop.status, "message": stop.message, "start_epoch": start_epoch,
+                "worker_nodes": worker_nodes}
+    return {"status": "ok", "message": "", "start_epoch": start_epoch, "worker_nodes": worker_nodes}
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -303,7 +308,7 @@ def make_trainer(cfg: TrainConfig, loop_config: dict, datasets: dict, callbacks:
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
@@ -331,6 +336,7 @@ def summarize(cfg: TrainConfig, result, manifest, seconds: float) -> dict:
         "epochs": int(result.metrics["epoch"]) + 1 if result.metrics else 0,
         "epochs_requested": cfg.epochs,
         "started_at_epoch": outcome.get("start_epoch", 0),
+        "worker_nodes": outcome.get("worker_nodes", []),
         "checkpoint_metric": cfg.checkpoint_metric,
         "seconds": round(seconds, 1),
         "class_names": manifest.class_names, "data": cfg.data.uri,

