@@ -8,6 +8,11 @@ Three input formats:
 * **csv**: rows ``path,label[,split]`` (a header row is optional); paths are relative to the CSV's
   folder and must stay inside it.
 
+Folder and CSV inputs may hold 16-bit and float PNG/TIFF and DICOM (``.dcm``) files: they are
+stored losslessly and read through ``--window`` (``shards/image.py``, ``shards/intensity.py``,
+``shards/dicom.py``); the manifest records the window, ``--frames`` and the train split's pixel
+mean/std.
+
 Without given splits, :func:`assign_splits` makes a stratified split by seed. Every check that can
 fail on the input runs before any byte is written, except image decoding, which runs in parallel
 while shards are written; a failure there aborts the writer (no output is left).
@@ -32,7 +37,8 @@ import pyarrow.fs as pafs
 import medbalance
 from medbalance.errors import DataError
 from shards import storage
-from shards.image import IMAGE_EXTENSIONS, encode_array_png, encode_file_bytes, sha256_hex
+from shards.image import IMAGE_EXTENSIONS, Encoded, Pixels, image_summary, encode_array_png, encode_file_bytes, sha256_hex
+from shards.intensity import TrainStats, Window
 from shards.schema import SPLITS, Manifest
 from shards.writer import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -236,9 +242,9 @@ def scan_npz(input_uri: str, classes: list[str] | None) -> Scanned:
         if f"{split}_labels" not in npz.files:
             raise DataError(f"{input_uri} has {split}_images but no {split}_labels")
         images, lab = npz[f"{split}_images"], np.asarray(npz[f"{split}_labels"])
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise DataError(f"{input_uri}: {split}_images must be uint8 N x H x W [x C], "
-                            f"got {images.dtype} {images.shape}")
+        if not ((images.dtype == np.uint8 and images.ndim in (3, 4)) or (images.dtype == np.uint16 and images.ndim == 3)):
+            raise DataError(f"{input_uri}: {split}_images must be uint8 N x H x W [x C] or uint16 N x H x W "
+                            f"(16-bit grey), got {images.dtype} {images.shape}")
         lab = lab.reshape(len(lab), -1)
         if lab.shape[1] != 1 or len(lab) != len(images):
             raise DataError(f"{input_uri}: {split}_labels must be N or N x 1 (single-label) with "
@@ -359,23 +365,26 @@ def _input_fs(input_uri: str) -> pafs.FileSystem:
     return storage.resolve(input_uri)[0]
 
 
-def _encode_files(input_uri: str, items: list[tuple[str, str]]) -> list[tuple[bytes, int, int, int]]:
+def _encode_files(input_uri: str, items: list[tuple[str, str]], window: Window,
+                  frames: str | None) -> list[Encoded]:
     """Worker: read and check image files; ``items`` are ``(where, path-on-input-fs)``."""
     fs = _input_fs(input_uri)
     out = []
     for where, path in items:
         data = storage.read_bytes(fs, path, where)
-        out.append(encode_file_bytes(data, where))
+        out.append(encode_file_bytes(data, where, window, frames))
     return out
 
 
-def _encode_arrays(images: np.ndarray) -> list[tuple[bytes, int, int, int]]:
-    """Worker: encode N x H x W [x C] uint8 images as PNG."""
+def _encode_arrays(images: np.ndarray, window: Window) -> list[Encoded]:
+    """Worker: encode N x H x W [x C] uint8 (or N x H x W uint16) images as PNG."""
     out = []
     for image in images:
-        h, w = image.shape[:2]
-        c = image.shape[2] if image.ndim == 3 else 1
-        out.append((encode_array_png(image), h, w, c))
+        hwc = image if image.ndim == 3 else image[:, :, None]
+        windowed = image.dtype == np.uint16
+        pixels = Pixels(hwc.astype(np.float64) if windowed else hwc, windowed)
+        out.append(Encoded(encode_array_png(image), hwc.shape[0], hwc.shape[1], hwc.shape[2],
+                           summary=image_summary(pixels, window, image.tobytes()[:4096])))
     return out
 
 
@@ -397,8 +406,13 @@ class _Progress:
 def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, test: float = 0.2,
            seed: int = 0, classes: list[str] | None = None, small_classes: str = "error",
            shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-           workers: int | None = None) -> Manifest:
+           workers: int | None = None, window: str = "auto", window_scope: str = "image",
+           frames: str | None = None) -> Manifest:
     """Scan, split, encode (in ``workers`` processes) and write a shard dataset.
+
+    Args:
+        window, window_scope: how 16-bit/float/DICOM values map to [0, 1] (``shards/intensity.py``).
+        frames: which page/frame of multi-page TIFF / multi-frame DICOM files to take (else refused).
 
     Returns:
         The published manifest.
@@ -406,6 +420,7 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     Raises:
         DataError: naming the file/row at fault; nothing is left at ``output``.
     """
+    spec = Window.parse(window, window_scope)
     scanned = scan(input_uri, fmt, classes)
     records = scanned.records
     if not scanned.given_splits:
@@ -421,6 +436,8 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     writer = ShardWriter(output, scanned.class_names, shard_bytes, overwrite)
     workers = workers or os.cpu_count() or 1
     progress = _Progress(len(ordered))
+    stats = TrainStats(spec)
+    windowed_rows = 0
     started = time.perf_counter()
     chunks = [ordered[i:i + CHUNK] for i in range(0, len(ordered), CHUNK)]
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -428,19 +445,26 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     try:
         if scanned.fmt == "npz":
             futures = [pool.submit(_encode_arrays, np.stack(
-                [scanned.arrays[r.split][r.ref] for r in chunk])) for chunk in chunks]
+                [scanned.arrays[r.split][r.ref] for r in chunk]), spec) for chunk in chunks]
         else:
             futures = [pool.submit(_encode_files, input_uri,
-                                   [(storage.join(base_uri, r.source), r.ref) for r in chunk])
+                                   [(storage.join(base_uri, r.source), r.ref) for r in chunk], spec, frames)
                        for chunk in chunks]
         for chunk, future in zip(chunks, futures):
-            for record, (data, h, w, c) in zip(chunk, future.result()):
-                writer.add({"image": data, "height": h, "width": w, "channels": c,
-                            "label": record.label, "split": record.split,
-                            "source": record.source, "synthetic": False,
-                            "sha256": sha256_hex(data)})
+            for record, encoded in zip(chunk, future.result()):
+                writer.add({**encoded.row(), "label": record.label, "split": record.split,
+                            "source": record.source, "synthetic": False, "sha256": sha256_hex(encoded.image)})
+                windowed_rows += encoded.summary["windowed"]
+                if record.split == "train":
+                    stats.add(encoded.summary)
             progress.step(len(chunk))
         pool.shutdown(wait=True)
+        resolved, pixel_stats = stats.finish()  # a dataset window from the train split's images
+        if not windowed_rows and spec.kind != "auto":
+            logger.warning("--window %s was not used: no image is 16-bit, float or grey DICOM (8-bit "
+                           "images are never windowed)", spec)
+        intensity = {"window": str(resolved), "requested": str(spec), "scope": spec.scope, "frames": frames,
+                     "windowed_rows": windowed_rows}
         manifest = writer.publish({
             "input": input_uri, "format": scanned.fmt, "seed": seed,
             "split_ratios": None if scanned.given_splits else {"val": val, "test": test},
@@ -448,7 +472,7 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
             "skipped_files": scanned.skipped[:100], "num_skipped_files": len(scanned.skipped),
             "medbalance_version": medbalance.__version__,
             "seconds": round(time.perf_counter() - started, 3),
-        })
+        }, intensity=intensity, pixel_stats=pixel_stats)
     except BaseException:  # also KeyboardInterrupt and SIGTERM (ray_jobs.cli): leave nothing behind
         _stop_pool(pool)
         writer.abort()
