@@ -169,6 +169,12 @@ class TrainConfig:
                     f"data.total_batch_size = {total}{_from(sources, 'data.total_batch_size')} does not "
                     f"split evenly over num_workers = {self.num_workers}; use a multiple of {self.num_workers} "
                     "or another worker count")
+            if ("data.batch_size" in sources and sources["data.batch_size"] != sources.get("data.total_batch_size")
+                    and self.data.batch_size != total // self.num_workers):
+                raise ConfigError(
+                    f"data.batch_size = {self.data.batch_size}{_from(sources, 'data.batch_size')} and "
+                    f"data.total_batch_size = {total}{_from(sources, 'data.total_batch_size')} disagree: set "
+                    "one (to give a per-worker batch over a preset's total, add --set data.total_batch_size=null)")
             self.data.batch_size = total // self.num_workers
 
     def pretrained_path(self) -> str | None:
@@ -250,20 +256,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(cls: type[T], yaml_path: str | None = None, overrides: list[str] | None = None,
+def load_config(cls: type[T], yaml_path: str | None = None, overrides: list | None = None,
                 base: dict | None = None) -> T:
     """Defaults <- ``base`` dict <- YAML file <- ``key=value`` overrides; every value checked
-    (:func:`from_dict`), so a bad one fails here, before Ray starts."""
+    (:func:`from_dict`), so a bad one fails here, before Ray starts.
+
+    ``overrides`` are ``"key=value"`` strings (shown in messages as ``--set key=value``) or
+    ``("key=value", "how the user wrote it")`` pairs, e.g. ``("epochs=3", "--epochs 3")``.
+    """
     tree: dict = to_dict(cls())
     sources: dict[str, str] = {}
     for layer, source in ((base or {}, "the base config"),
                           (_read_yaml(yaml_path) if yaml_path else {}, yaml_path)):
         _merge(tree, layer)
         sources.update({key: source for key in _dotted_keys(layer)})
-    for text in overrides or []:
+    for item in overrides or []:
+        text, source = item if isinstance(item, tuple) else (item, f"--set {item}")
         key, value = parse_override(text)
         _set_path(tree, key, value)
-        sources[key] = f"--set {text}" if not text.startswith("loss_params.") else f"--loss-params {text[12:]}"
+        sources[key] = source
     return from_dict(cls, tree, sources=sources)
 
 

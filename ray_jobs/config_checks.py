@@ -178,8 +178,7 @@ def noun(hint: Any, items: type | None = None) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        words = " or ".join(noun(a, items) for a in args if a is not type(None))
-        return words + (" or null" if type(None) in args else "")
+        return " or ".join(noun(a, items) for a in args if a is not type(None))
     base = origin or hint
     if base is list and items is not None:
         return f"a list of {_PLURALS.get(items, items.__name__)}"
@@ -204,7 +203,13 @@ def check_value(key: str, value: Any, hint: Any, field_rule: Rule | None = None,
     """
     field_rule = field_rule or Rule()
     items = field_rule.items
+    if isinstance(value, bool) and field_rule.allowed() is not None:
+        # YAML 1.1 reads unquoted off/on/no/yes as booleans: amp=off means the name "off".
+        spelling = {False: ("off", "no", "false"), True: ("on", "yes", "true")}[value]
+        value = next((name for name in spelling if name in field_rule.allowed()), value)
     expected = field_rule.describe(noun(hint, items))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        expected += ", or null"
     where = f" (from {source})" if source else ""
     try:
         converted = convert(value, hint, items)

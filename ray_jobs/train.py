@@ -396,12 +396,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {"data.uri": args.data, "model": args.model, "loss": args.loss, "epochs": args.epochs,
-             "data.batch_size": args.batch_size, "data.image_size": args.image_size,
-             "num_workers": args.num_workers, "storage": args.storage, "name": args.name,
-             "use_gpu": True if args.gpu else None}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += [f"loss_params.{kv}" for kv in args.loss_params]
+    flags = {"data.uri": ("data", args.data), "model": ("model", args.model), "loss": ("loss", args.loss),
+             "epochs": ("epochs", args.epochs), "data.batch_size": ("batch-size", args.batch_size),
+             "data.image_size": ("image-size", args.image_size), "num_workers": ("num-workers", args.num_workers),
+             "storage": ("storage", args.storage), "name": ("name", args.name),
+             "use_gpu": ("gpu", True if args.gpu else None)}
+    overrides: list = [(f"{k}={v}", f"--{flag} {v}") for k, (flag, v) in flags.items() if v is not None]
+    overrides += [(f"loss_params.{kv}", f"--loss-params {kv}") for kv in args.loss_params]
     return config_lib.load_config(TrainConfig, args.config, overrides + args.overrides)
 
 
