@@ -13,6 +13,7 @@ starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, TypeVar
 
@@ -155,13 +156,15 @@ class TrainConfig:
         self.loss_params = check_options("loss_params", self.loss_params, loss_hyperparameters(self.loss),
                                          f"loss {self.loss!r}", sources)
         if self.pretrained == PRETRAINED_REQUIRED:
+            arch = _torchvision_resnet(self.model)
+            file = f"{arch}-imagenet1k-v1.pth"
             raise ConfigError(
                 f"pretrained = 'required'{_from(sources, 'pretrained')}: this preset fine-tunes ImageNet "
-                f"weights, as the authors did. Give the file: --set pretrained=/path/to/{_TV_FILE}, made "
-                "once on a machine with internet access by\n  python -c \"import torch, torchvision; "
-                "torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), "
-                f"'{_TV_FILE}')\"\n(nothing is downloaded here); or --set pretrained=scratch to train "
-                "from random weights (not the paper's setting)")
+                f"weights, as the authors did. Give the file: --set pretrained=/path/to/{file}, made once "
+                "on a machine with internet access by\n  python -c \"import torch, torchvision; "
+                f"torch.save(torchvision.models.{arch}(weights='IMAGENET1K_V1').state_dict(), '{file}')\"\n"
+                "(nothing is downloaded here); or --set pretrained=scratch to train from random weights "
+                "(not the paper's setting)")
         total = self.data.total_batch_size
         if total is not None:
             if total % self.num_workers:
@@ -182,7 +185,10 @@ class TrainConfig:
         return None if self.pretrained in (None, PRETRAINED_SCRATCH) else self.pretrained
 
 
-_TV_FILE = "resnet50-imagenet1k-v1.pth"
+def _torchvision_resnet(model: str) -> str:
+    """The torchvision ResNet whose weights fit ``model``'s backbone (adsr_resnet18 -> resnet18)."""
+    match = re.search(r"resnet(18|34|50)", model)
+    return f"resnet{match.group(1)}" if match else "resnet50"
 
 
 def _from(sources: dict[str, str], key: str) -> str:

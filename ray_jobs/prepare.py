@@ -81,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(manifest))
     intensity = manifest.intensity or {}
     if intensity.get("windowed_rows"):
+        how = (f"from {intensity['requested']} over the train split" if intensity["scope"] == "dataset"
+               else "the same for every image" if intensity["window"].startswith("fixed")
+               else "each DICOM's own window, else the image's min-max" if intensity["window"] == "auto"
+               else "per image")
         print(f"{intensity['windowed_rows']} image(s) are 16-bit, float or DICOM grey: window "
-              f"{intensity['window']}" + (f" (from {intensity['requested']} over the train split)"
-                                          if intensity["scope"] == "dataset" else " (per image)")
-              + (f"; frames {intensity['frames']}" if intensity.get("frames") else ""))
+              f"{intensity['window']} ({how})" + (f"; frames {intensity['frames']}" if intensity.get("frames") else ""))
     skipped = manifest.provenance.get("num_skipped_files", 0)
     print(f"wrote {rows} images in {len(manifest.shards)} shard(s) to {args.output} in {seconds:.1f} s "
           f"({rows / max(seconds, 1e-9):.0f} images/s)" + (f"; skipped {skipped} non-image file(s)" if skipped else ""))

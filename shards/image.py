@@ -196,6 +196,8 @@ def encode_file_bytes(data: bytes, where: str, window: Window | str | None = Non
     try:
         array, windowed, fmt, page, pages = _open(data, where, frames)
     except DataError as exc:
+        if "--frames" in str(exc):
+            raise
         raise DataError(f"{exc}; remove or replace the file and run again") from exc
     if windowed:
         values = array[:, :, 0]
