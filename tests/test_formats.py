@@ -359,3 +359,24 @@ def test_grey_dicom_trains_on_one_channel_and_predict_prepares_originals_alike(r
     assert sorted(by_source["from-shards"]) == sorted(by_source["from-files"]) and len(by_source["from-files"]) == 6
     for source, probs in by_source["from-files"].items():
         np.testing.assert_allclose(probs, by_source["from-shards"][source], atol=1e-6)
+
+
+def test_dicom_voi_lut_sequence_is_applied(tmp_path):
+    """A VOI LUT (a table, not a linear window) is what a viewer shows: applied at ingest (pydicom)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    stored = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    lut = (255 - np.arange(256)) * 16  # an inverting 12-bit table over the stored values 0..255
+    for cls in ("a", "b"):
+        ds = pydicom.dcmread(io.BytesIO(dicom_bytes(stored)))
+        item = Dataset()
+        item.LUTDescriptor = [256, 0, 12]
+        item.add_new(0x00283006, "US", lut.astype(np.uint16).tolist())  # LUTData, 16-bit entries
+        ds.VOILUTSequence = [item]
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        ds.save_as(tmp_path / "in" / cls / "lut.dcm", enforce_file_format=True)
+    uri = str(tmp_path / "ds")
+    ingest(str(tmp_path / "in"), uri, val=0, test=0, workers=1)
+    for unit in units_by_source(uri).values():
+        np.testing.assert_allclose(unit[0], lut.reshape(16, 16) / 4095, atol=1e-6)
