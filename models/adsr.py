@@ -29,10 +29,17 @@ Default kernels (1, 3, 7). The authors' code computes (A + B3 + B3) / 3, i.e. th
 counted twice (likely a slip for a 7x7 branch); ``psf_kernels=(1, 3, 3)`` reproduces that form
 exactly: a repeated kernel size reuses one branch, it does not build a second one.
 
-Init (``reset_parameters``): convs Kaiming-normal (fan_out, ReLU gain), conv biases 0; BN weight 1,
-bias 0, except PSF's BNs whose weight is 0, so the initial PSF gate is sigmoid(0) = 0.5 exactly
-(and PSF's convs receive zero gradient until the BN weights move off 0). Departure: the GSA conv
-bias starts at 0 (PyTorch's default would be uniform in +-1/sqrt(2 C_i)).
+Init (``reset_parameters(init)``), two rules:
+
+* ``init="authors"`` (default), as the authors' code leaves it (their ResNet init loop touches only
+  keys containing "conv" or "bn", and every bias): the depthwise and PSF convs Kaiming-normal
+  (fan_out, ReLU gain); the GSA (2, 1) mixing conv (``fc1``/``fc2`` in their code) at PyTorch's
+  default (Kaiming-uniform, a = sqrt(5): std 1/sqrt(6 C_i)) with bias 0;
+* ``init="ours"``: every conv Kaiming-normal (fan_out), so the mixing conv's std is 1/sqrt(C_i),
+  2.45x the authors'; bias 0.
+
+Both: BN weight 1, bias 0, except PSF's BNs whose weight is 0, so the initial PSF gate is
+sigmoid(0) = 0.5 exactly (and PSF's convs receive zero gradient until the BN weights move off 0).
 """
 from __future__ import annotations
 
@@ -46,7 +53,14 @@ from medbalance.errors import ConfigError
 from models.style import channel_style, pixel_style
 
 GSA_MODES = ("faithful", "channelwise")
+INIT_RULES = ("authors", "ours")
 PSF_BN_MOMENTUM = 0.01
+
+
+def check_init(init: str) -> str:
+    if init not in INIT_RULES:
+        raise ConfigError(f"init={init!r} is not an init rule; use one of {INIT_RULES}")
+    return init
 
 
 def _init_convs_and_norms(module: nn.Module, norm_weight: float) -> None:
@@ -122,9 +136,16 @@ class GSA(nn.Module):
         self.mix2 = _style_mix(self.split[1], mode)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_out) convs, zero conv biases, BN weight 1 / bias 0."""
+    def reset_parameters(self, init: str = "authors") -> None:
+        """Kaiming-normal (fan_out) convs, zero conv biases, BN weight 1 / bias 0; with
+        ``init="authors"`` the mixing convs at PyTorch's default weights (bias 0)."""
         _init_convs_and_norms(self, norm_weight=1.0)
+        if check_init(init) == "authors":
+            for m in self.modules():
+                if isinstance(m, StyleMix):
+                    nn.Conv2d.reset_parameters(m)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = torch.split(x, self.split, dim=1)  # B x C1 x H x W, B x C2 x H x W
@@ -193,17 +214,21 @@ class ADSR(nn.Module):
         channels: C (>= 2).
         gsa: ``"faithful"`` or ``"channelwise"`` (see GSA).
         psf_kernels: PSF branch kernels, default (1, 3, 7); (1, 3, 3) is the authors' code form.
+        init: ``"authors"`` (default) or ``"ours"`` (see the module docstring).
     """
 
     def __init__(self, channels: int, gsa: str = "faithful",
-                 psf_kernels: Sequence[int] = (1, 3, 7)) -> None:
+                 psf_kernels: Sequence[int] = (1, 3, 7), init: str = "authors") -> None:
         super().__init__()
+        self.init = check_init(init)
         self.gsa = GSA(channels, gsa)
         self.psf = PSF(psf_kernels)
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GSA: Kaiming-normal (fan_out) convs, BN (1, 0); PSF: the same but BN weight 0."""
-        self.gsa.reset_parameters()
+        """GSA: Kaiming-normal (fan_out) convs, BN (1, 0), the mixing conv by ``self.init``;
+        PSF: Kaiming-normal convs, BN weight 0."""
+        self.gsa.reset_parameters(self.init)
         self.psf.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

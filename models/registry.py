@@ -47,6 +47,18 @@ def list_models() -> list[str]:
     return sorted(_MODEL_ENTRYPOINTS)
 
 
+def model_options(name: str) -> dict[str, Any]:
+    """The options of model ``name`` (besides num_classes and in_chans) and their defaults.
+
+    Raises:
+        ConfigError: unknown name.
+    """
+    if name not in _MODEL_ENTRYPOINTS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    params = inspect.signature(_MODEL_ENTRYPOINTS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.name not in ("num_classes", "in_chans")}
+
+
 def create_model(
     name: str,
     num_classes: int,

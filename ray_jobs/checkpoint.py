@@ -11,6 +11,9 @@ with ``torch.load(weights_only=True)`` (no arbitrary pickle):
     config                                   the resolved TrainConfig as a dict
     class_names, class_counts                of the training split
     metrics                                  the validation metrics of this epoch
+    input                                    how images become inputs (ray_jobs.data.InputSpec:
+                                             channels, window, depth, mean/std); absent in
+                                             checkpoints made before it existed (= the defaults)
 """
 from __future__ import annotations
 
@@ -102,7 +105,9 @@ def model_from_checkpoint(state: dict) -> torch.nn.Module:
     from models import create_model
 
     cfg = state["config"]
-    model = create_model(cfg["model"], num_classes=len(state["class_names"]), **cfg.get("model_kwargs", {}))
+    channels = int((state.get("input") or {}).get("channels", 3))
+    model = create_model(cfg["model"], num_classes=len(state["class_names"]), in_chans=channels,
+                         **cfg.get("model_kwargs", {}))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -9,7 +9,6 @@ Local Ray (started in-process), local Parquet shards, the RetinaMNIST file bundl
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

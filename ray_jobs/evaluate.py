@@ -63,7 +63,13 @@ def evaluate(checkpoint: str, data: str, split: str, out: str, *, calibrate: boo
     from ray_jobs.ray_runtime import run_as_task
 
     # Ray starts only now, after the checks above; the scoring pipeline runs as a Ray task.
-    kwargs = dict(num_actors=num_actors, use_gpu=use_gpu)
+    from ray_jobs.data import InputSpec
+
+    spec = InputSpec.from_dict(state.get("input"))
+    if manifest.windowed and manifest.window != spec.window:
+        print(f"note: {data} has window {manifest.window} but the checkpoint was trained with {spec.window}; "
+              "applying the checkpoint's", file=sys.stderr)
+    kwargs = dict(num_actors=num_actors, use_gpu=use_gpu, spec=spec)
     logits, targets = (np.array(a) for a in run_as_task(split_logits, checkpoint, data, split, image_size,
                                                         **kwargs))  # writable copies
     probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy()

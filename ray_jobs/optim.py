@@ -2,6 +2,16 @@
 
 The schedule is a function of the fractional epoch (``step / steps_per_epoch``), so a warm-up or a
 decay lands at the same point whatever the batch size and worker count.
+
+``adsr_authors`` is the ADSR-Net authors' ``adjust_learning_rate`` (their main_loss.py, the version
+that trains the ADSR model), applied per whole epoch ``e`` as theirs is:
+
+    factor(e) = 1 + e / 10      for e <= 9    (their "warm-up": the lr RISES to 1.9x, then drops to 1x)
+              = 1               for 10 <= e < 100
+              = 0.1             for 100 <= e < 150
+              = 0.01            for e >= 150  (not reached in their 150 epochs)
+
+(``warmup_epochs`` still applies before it if set; the preset leaves it 0.)
 """
 from __future__ import annotations
 
@@ -16,7 +26,7 @@ if TYPE_CHECKING:
     from ray_jobs.train import OptimSection
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "multistep", "none")
+SCHEDULES = ("cosine", "step", "multistep", "adsr_authors", "none")
 
 
 def build_optimizer(params, cfg: "OptimSection") -> torch.optim.Optimizer:
@@ -40,6 +50,9 @@ def lr_factor(epoch_float: float, cfg: "OptimSection", epochs: int) -> float:
         return cfg.gamma ** int(epoch_float // cfg.step_size)
     if cfg.schedule == "multistep":
         return cfg.gamma ** sum(epoch_float >= m for m in cfg.milestones)
+    if cfg.schedule == "adsr_authors":
+        epoch = int(epoch_float)
+        return (1 + epoch / 10) if epoch <= 9 else 0.01 if epoch >= 150 else 0.1 if epoch >= 100 else 1.0
     if cfg.schedule == "none":
         return 1.0
     raise ConfigError(f"unknown schedule {cfg.schedule!r}; use one of {SCHEDULES}")

@@ -5,7 +5,8 @@
     python -m ray_jobs.predict --checkpoint CKPT --input /path/to/images --output s3://b/preds
 
 ``--input`` is a shard dataset (its ``--split``, default all splits) or a folder of images (read
-recursively). The output is Parquet, one row per input image: ``source``, ``probabilities``
+recursively; 16-bit/float PNG/TIFF and DICOM too). Images are prepared as the checkpoint's training
+run prepared them (``state["input"]``: channels, the dataset's window and ``--frames``, mean/std). The output is Parquet, one row per input image: ``source``, ``probabilities``
 (list of C floats), ``prediction`` (class index), ``predicted_class`` (name), and ``label`` for
 shard inputs.
 
@@ -33,6 +34,7 @@ import numpy as np
 from medbalance.errors import ConfigError, DataError
 from ray_jobs.checkpoint import load_checkpoint
 from ray_jobs.cli import add_verbose_flag, run_main
+from ray_jobs.data import InputSpec
 from ray_jobs.data_errors import data_error_message
 from ray_jobs.evaluate import resolve_checkpoint
 from ray_jobs.progress import Progress
@@ -197,8 +199,10 @@ def _input_dataset(input_uri: str, split: str | None):
     if storage.exists(fs, f"{path}/{MANIFEST_NAME}", input_uri):
         manifest = read_manifest(input_uri)
         splits = [split] if split else manifest.splits()
-        parts = [ray_dataset(input_uri, s, columns=["image", "label", "source"], include_paths=True)
-                 for s in splits]
+        from shards.reader import read_columns
+
+        parts = [ray_dataset(input_uri, s, columns=read_columns(manifest, "image", "label", "source"),
+                             include_paths=True) for s in splits]
         return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ray.data.read_binary_files(path, filesystem=fs, include_paths=True,
                                     file_extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS]
@@ -227,7 +231,7 @@ def _to_rows(batch: dict, class_names: list[str]) -> dict:
 
 def write_predictions(checkpoint: str, input_uri: str, split: str | None, folder_uri: str, *,
                       image_size: int, class_names: list[str], total: int | None, num_actors: int,
-                      use_gpu: bool, batch_size: int) -> list[str]:
+                      use_gpu: bool, batch_size: int, spec=None) -> list[str]:
     """Score every input image and write the Parquet files into ``folder_uri``; returns their names.
 
     Runs as a Ray task (``ray_runtime.run_as_task``). On any failure it removes what it wrote; a
@@ -240,7 +244,7 @@ def write_predictions(checkpoint: str, input_uri: str, split: str | None, folder
     failure = None
     try:
         ds = logits_dataset(_input_dataset(input_uri, split), checkpoint, image_size,
-                            num_actors=num_actors, use_gpu=use_gpu, batch_size=batch_size)
+                            num_actors=num_actors, use_gpu=use_gpu, batch_size=batch_size, spec=spec)
         writer = _PartWriter(fs, folder, OUTPUT_ROWS_PER_FILE)
         for batch in ds.map_batches(_to_rows, batch_format="numpy",
                                     fn_kwargs={"class_names": class_names}).iter_batches(
@@ -286,7 +290,7 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
     names = run_as_task(write_predictions, checkpoint, input_uri, split, storage.join(output, version),
                         image_size=state["config"]["data"]["image_size"], class_names=state["class_names"],
                         total=_row_count(input_uri, split), num_actors=num_actors, use_gpu=use_gpu,
-                        batch_size=batch_size)
+                        batch_size=batch_size, spec=InputSpec.from_dict(state.get("input")))
     files = [f"{version}/{name}" for name in names]
     try:
         import pyarrow.parquet as pq

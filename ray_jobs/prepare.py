@@ -4,7 +4,13 @@
                                [--val 0.1 --test 0.2 --seed 0] [--classes A,B,...]
                                [--small-classes error|train-only] [--shard-mb 128]
                                [--workers N] [--overwrite]
+                               [--window auto|min-max|percentile:P1,P2|fixed:LO,HI]
+                               [--window-scope image|dataset] [--frames first|middle|last|N]
     python -m ray_jobs.prepare --verify URI
+
+16-bit and float PNG/TIFF and DICOM (``.dcm``) are stored losslessly; ``--window`` says how their
+values become the model's [0, 1] input (per image, or ``--window-scope dataset``: one window from the
+train split), and is recorded in the manifest with the train split's pixel mean/std.
 
 Encoding runs in ``--workers`` processes (default: every core of this machine). Ends with the
 per-class table (counts per split, share, imbalance ratio). Exit status 2 on bad input, naming the
@@ -35,6 +41,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MB")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    p.add_argument("--window", default="auto",
+                   help="16-bit/float/DICOM intensities -> [0, 1]: auto (DICOM's own window, else "
+                        "min-max), min-max, percentile:P1,P2 or fixed:LO,HI (default auto)")
+    p.add_argument("--window-scope", default="image", choices=["image", "dataset"],
+                   help="min-max/percentile per image, or one window from the train split (dataset)")
+    p.add_argument("--frames", default=None, metavar="first|middle|last|N",
+                   help="which page/frame of multi-page TIFF / multi-frame DICOM files to take "
+                        "(default: refuse such files)")
     p.add_argument("--verify", metavar="URI", default=None,
                    help="re-read a dataset: checksums, rows and every image; exit 2 on damage")
     add_verbose_flag(p)
@@ -60,10 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     manifest = ingest(args.input, args.output, fmt=args.format, val=args.val, test=args.test,
                       seed=args.seed, classes=classes, small_classes=args.small_classes,
                       shard_bytes=int(args.shard_mb * 1024 * 1024), overwrite=args.overwrite,
-                      workers=args.workers)
+                      workers=args.workers, window=args.window, window_scope=args.window_scope,
+                      frames=args.frames)
     seconds = time.perf_counter() - started
     rows = sum(s.rows for s in manifest.shards)
     print(summary_table(manifest))
+    intensity = manifest.intensity or {}
+    if intensity.get("windowed_rows"):
+        how = (f"from {intensity['requested']} over the train split" if intensity["scope"] == "dataset"
+               else "the same for every image" if intensity["window"].startswith("fixed")
+               else "each DICOM's own window, else the image's min-max" if intensity["window"] == "auto"
+               else "per image")
+        print(f"{intensity['windowed_rows']} image(s) are 16-bit, float or DICOM grey: window "
+              f"{intensity['window']} ({how})" + (f"; frames {intensity['frames']}" if intensity.get("frames") else ""))
     skipped = manifest.provenance.get("num_skipped_files", 0)
     print(f"wrote {rows} images in {len(manifest.shards)} shard(s) to {args.output} in {seconds:.1f} s "
           f"({rows / max(seconds, 1e-9):.0f} images/s)" + (f"; skipped {skipped} non-image file(s)" if skipped else ""))

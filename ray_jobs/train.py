@@ -38,7 +38,7 @@ from ray_jobs.amp import amp_dtype, grad_scaler
 from ray_jobs.checkpoint import report, restore_state
 from ray_jobs.cli import add_verbose_flag, run_main
 from ray_jobs.config import DataSection, OptimSection, TrainConfig  # noqa: F401  (the job's config)
-from ray_jobs.data import build_dataset, build_datasets, normalize  # noqa: F401
+from ray_jobs.data import InputSpec, build_dataset, build_datasets, input_spec, normalize  # noqa: F401
 from ray_jobs.data_errors import data_error_message
 from ray_jobs.optim import build_optimizer, build_scheduler
 from ray_jobs.progress import say
@@ -50,13 +50,14 @@ from shards import storage
 
 # ----------------------------------------------------------------------------- worker side
 def evaluate_shard(model, dataset, batch_size: int, device, autocast_dtype,
-                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_classes: int, spec: InputSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N x C) and labels (N) of this worker's part of a whole split (not gathered).
 
     ``dataset`` is NOT split by Ray Train (its equal split drops rows); worker ``r`` scores every
     ``world``-th batch starting at ``r``, so every row is scored exactly once over all workers.
     """
     rank, world = collectives.rank_and_world()
+    spec = spec or InputSpec()
     model.eval()
     logits = [torch.zeros(0, num_classes)]
     labels = [torch.zeros(0, dtype=torch.long)]
@@ -65,7 +66,7 @@ def evaluate_shard(model, dataset, batch_size: int, device, autocast_dtype,
             if index % world != rank:
                 continue
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(normalize(batch["image"]))
+                out = model(normalize(batch["image"], spec.mean, spec.std))
             logits.append(out.float().cpu())
             labels.append(batch["label"].long().cpu())
     return torch.cat(logits), torch.cat(labels)
@@ -106,8 +107,8 @@ def train_loop_per_worker(config: dict) -> dict:
     """One Ray Train worker: DDP training with validation, reports and checkpoints each epoch.
 
     Args:
-        config: ``TrainConfig`` as a dict, plus ``class_names``, ``class_counts`` and
-            ``resume_from`` filled in by the driver.
+        config: ``TrainConfig`` as a dict, plus ``class_names``, ``class_counts``, ``input_spec``
+            (``ray_jobs.data.InputSpec`` as a dict) and ``resume_from`` filled in by the driver.
 
     Returns:
         ``{"status": "ok"|"non_finite"|"data_error", "message": ..., "start_epoch": N}`` (the
@@ -121,6 +122,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     class_names, class_counts = config.pop("class_names"), config.pop("class_counts")
     resume_from = config.pop("resume_from", None)
+    spec = InputSpec.from_dict(config.pop("input_spec", None))
     cfg = config_lib.from_dict(TrainConfig, config)
     quiet_ray_train(cfg.log_level)
     ctx = ray.train.get_context()
@@ -130,7 +132,8 @@ def train_loop_per_worker(config: dict) -> dict:
     device = ray.train.torch.get_device()
     autocast_dtype = amp_dtype(cfg.amp, device)
 
-    model = create_model(cfg.model, num_classes=len(class_names), pretrained=cfg.pretrained, **cfg.model_kwargs)
+    model = create_model(cfg.model, num_classes=len(class_names), in_chans=spec.channels,
+                         pretrained=cfg.pretrained_path(), **cfg.model_kwargs)
     if cfg.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
@@ -183,7 +186,7 @@ def train_loop_per_worker(config: dict) -> dict:
                     if message is None:
                         raise  # not the data's fault: Ray Train's FailureConfig retries
                     _stop_if_any(collectives.DATA_ERROR, f"epoch {epoch} step {step}: {message}", device)
-                images, target = normalize(batch["image"]), batch["label"].long()
+                images, target = normalize(batch["image"], spec.mean, spec.std), batch["label"].long()
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -212,7 +215,7 @@ def train_loop_per_worker(config: dict) -> dict:
             # The bare module: DDP's forward is a collective, and workers score different batch counts.
             try:
                 logits, labels = evaluate_shard(bare, val_shard, cfg.data.eval_batch_size, device,
-                                                autocast_dtype, len(class_names))
+                                                autocast_dtype, len(class_names), spec)
                 status, message = collectives.OK, ""
             except Exception as exc:  # noqa: BLE001
                 message = data_error_message(exc, cfg.data.uri)
@@ -239,7 +242,7 @@ def train_loop_per_worker(config: dict) -> dict:
                 "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                 "config": config_lib.to_dict(cfg), "class_names": list(class_names),
-                "class_counts": list(class_counts), "metrics": metrics,
+                "class_counts": list(class_counts), "metrics": metrics, "input": spec.to_dict(),
             }, files={"config.yaml": config_lib.dump_yaml(cfg)})
     except _Stop as stop:
         if rank == 0:
@@ -271,6 +274,12 @@ def prepare_run(cfg: TrainConfig, resume: str = "auto"):
     manifest = check_shards(cfg.data.uri, splits=["train", "val"])
     if "val" not in manifest.splits():
         raise ConfigError(f"{cfg.data.uri} has no val split; re-run prepare with --val > 0")
+    spec = input_spec(cfg, manifest)
+    weights = cfg.pretrained_path()
+    if weights and not os.path.isfile(weights):
+        raise ConfigError(f"pretrained = {weights!r}: no such file (on this machine; on a cluster every "
+                          "node needs it at that path); give a torchvision state dict saved with "
+                          "torch.save(model.state_dict(), PATH), or pretrained=scratch")
     run = run_dir(cfg)
     existing = run.check_resume(resume)
     if existing:
@@ -282,10 +291,10 @@ def prepare_run(cfg: TrainConfig, resume: str = "auto"):
     cfg.cpus_per_worker = plan_cpus(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
     loop_config = config_lib.to_dict(cfg)
     loop_config.update(class_names=manifest.class_names, class_counts=manifest.class_counts("train"),
-                       resume_from=run.latest_checkpoint() if existing else None)
+                       input_spec=spec.to_dict(), resume_from=run.latest_checkpoint() if existing else None)
     failure = None
     try:
-        datasets = build_datasets(cfg, manifest)
+        datasets = build_datasets(cfg, manifest, spec)
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 (reading the shards into the object store failed)
@@ -393,12 +402,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {"data.uri": args.data, "model": args.model, "loss": args.loss, "epochs": args.epochs,
-             "data.batch_size": args.batch_size, "data.image_size": args.image_size,
-             "num_workers": args.num_workers, "storage": args.storage, "name": args.name,
-             "use_gpu": True if args.gpu else None}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += [f"loss_params.{kv}" for kv in args.loss_params]
+    flags = {"data.uri": ("data", args.data), "model": ("model", args.model), "loss": ("loss", args.loss),
+             "epochs": ("epochs", args.epochs), "data.batch_size": ("batch-size", args.batch_size),
+             "data.image_size": ("image-size", args.image_size), "num_workers": ("num-workers", args.num_workers),
+             "storage": ("storage", args.storage), "name": ("name", args.name),
+             "use_gpu": ("gpu", True if args.gpu else None)}
+    overrides: list = [(f"{k}={v}", f"--{flag} {v}") for k, (flag, v) in flags.items() if v is not None]
+    overrides += [(f"loss_params.{kv}", f"--loss-params {kv}") for kv in args.loss_params]
     return config_lib.load_config(TrainConfig, args.config, overrides + args.overrides)
 
 

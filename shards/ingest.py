@@ -8,6 +8,11 @@ Three input formats:
 * **csv**: rows ``path,label[,split]`` (a header row is optional); paths are relative to the CSV's
   folder and must stay inside it.
 
+Folder and CSV inputs may hold 16-bit and float PNG/TIFF and DICOM (``.dcm``) files: they are
+stored losslessly and read through ``--window`` (``shards/image.py``, ``shards/intensity.py``,
+``shards/dicom.py``); the manifest records the window, ``--frames`` and the train split's pixel
+mean/std.
+
 Without given splits, :func:`assign_splits` makes a stratified split by seed. Every check that can
 fail on the input runs before any byte is written, except image decoding, which runs in parallel
 while shards are written; a failure there aborts the writer (no output is left).
@@ -23,10 +28,8 @@ import logging
 import multiprocessing
 import os
 import posixpath
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -34,7 +37,9 @@ import pyarrow.fs as pafs
 import medbalance
 from medbalance.errors import DataError
 from shards import storage
-from shards.image import IMAGE_EXTENSIONS, encode_array_png, encode_file_bytes, sha256_hex
+from shards.encoding import Progress, die_with_parent, encode_arrays, encode_files, stop_pool
+from shards.image import IMAGE_EXTENSIONS, sha256_hex
+from shards.intensity import TrainStats, Window
 from shards.schema import SPLITS, Manifest
 from shards.writer import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -238,9 +243,9 @@ def scan_npz(input_uri: str, classes: list[str] | None) -> Scanned:
         if f"{split}_labels" not in npz.files:
             raise DataError(f"{input_uri} has {split}_images but no {split}_labels")
         images, lab = npz[f"{split}_images"], np.asarray(npz[f"{split}_labels"])
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise DataError(f"{input_uri}: {split}_images must be uint8 N x H x W [x C], "
-                            f"got {images.dtype} {images.shape}")
+        if not ((images.dtype == np.uint8 and images.ndim in (3, 4)) or (images.dtype == np.uint16 and images.ndim == 3)):
+            raise DataError(f"{input_uri}: {split}_images must be uint8 N x H x W [x C] or uint16 N x H x W "
+                            f"(16-bit grey), got {images.dtype} {images.shape}")
         lab = lab.reshape(len(lab), -1)
         if lab.shape[1] != 1 or len(lab) != len(images):
             raise DataError(f"{input_uri}: {split}_labels must be N or N x 1 (single-label) with "
@@ -315,92 +320,16 @@ def assign_splits(records: list[Record], class_names: list[str], val: float, tes
     return out
 
 
-# ----------------------------------------------------------------------------- encoding
-def _die_with_parent(parent_pid: int) -> None:
-    """Encoding-worker initializer: end this process when the ingest that started it is gone.
-
-    On Linux the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG), even if the
-    parent was SIGKILLed; a watchdog thread covers the other systems. Without this, a killed
-    ingest would leave its encoding workers (hundreds of MB each) running, adopted by PID 1.
-    """
-    import signal
-    import threading
-
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the line above took effect
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel what is queued and end the encoding workers now (not after their current chunk)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API before 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=5)
-
-
-@lru_cache(maxsize=4)
-def _input_fs(input_uri: str) -> pafs.FileSystem:
-    return storage.resolve(input_uri)[0]
-
-
-def _encode_files(input_uri: str, items: list[tuple[str, str]]) -> list[tuple[bytes, int, int, int]]:
-    """Worker: read and check image files; ``items`` are ``(where, path-on-input-fs)``."""
-    fs = _input_fs(input_uri)
-    out = []
-    for where, path in items:
-        data = storage.read_bytes(fs, path, where)
-        out.append(encode_file_bytes(data, where))
-    return out
-
-
-def _encode_arrays(images: np.ndarray) -> list[tuple[bytes, int, int, int]]:
-    """Worker: encode N x H x W [x C] uint8 images as PNG."""
-    out = []
-    for image in images:
-        h, w = image.shape[:2]
-        c = image.shape[2] if image.ndim == 3 else 1
-        out.append((encode_array_png(image), h, w, c))
-    return out
-
-
-class _Progress:
-    def __init__(self, total: int, every: float = 2.0):
-        self.total, self.every, self.done = total, every, 0
-        self.start = self.last = time.perf_counter()
-
-    def step(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done == self.total:
-            rate = self.done / max(now - self.start, 1e-9)
-            print(f"  encoded {self.done}/{self.total} images ({rate:.0f} images/s)",
-                  file=sys.stderr, flush=True)
-            self.last = now
-
-
 def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, test: float = 0.2,
            seed: int = 0, classes: list[str] | None = None, small_classes: str = "error",
            shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-           workers: int | None = None) -> Manifest:
+           workers: int | None = None, window: str = "auto", window_scope: str = "image",
+           frames: str | None = None) -> Manifest:
     """Scan, split, encode (in ``workers`` processes) and write a shard dataset.
+
+    Args:
+        window, window_scope: how 16-bit/float/DICOM values map to [0, 1] (``shards/intensity.py``).
+        frames: which page/frame of multi-page TIFF / multi-frame DICOM files to take (else refused).
 
     Returns:
         The published manifest.
@@ -408,6 +337,7 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     Raises:
         DataError: naming the file/row at fault; nothing is left at ``output``.
     """
+    spec = Window.parse(window, window_scope)
     scanned = scan(input_uri, fmt, classes)
     records = scanned.records
     if not scanned.given_splits:
@@ -422,15 +352,19 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     base_uri = input_uri if scanned.fmt == "folder" else input_uri.rsplit("/", 1)[0]
     writer = ShardWriter(output, scanned.class_names, shard_bytes, overwrite)
     workers = workers or os.cpu_count() or 1
-    progress = _Progress(len(ordered))
+    progress = Progress(len(ordered))
+    stats = TrainStats(spec)
+    windowed_rows = 0
     started = time.perf_counter()
     chunks = [ordered[i:i + CHUNK] for i in range(0, len(ordered), CHUNK)]
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_die_with_parent, initargs=(os.getpid(),))
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+
     def submit(chunk: list[Record]):
         if scanned.fmt == "npz":
-            return pool.submit(_encode_arrays, np.stack([scanned.arrays[r.split][r.ref] for r in chunk]))
-        return pool.submit(_encode_files, input_uri, [(storage.join(base_uri, r.source), r.ref) for r in chunk])
+            return pool.submit(encode_arrays, np.stack([scanned.arrays[r.split][r.ref] for r in chunk]), spec)
+        return pool.submit(encode_files, input_uri, [(storage.join(base_uri, r.source), r.ref) for r in chunk],
+                           spec, frames)
 
     try:
         # A bounded window of chunks in flight: memory stays flat however large the input is, and
@@ -441,16 +375,23 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
             in_flight.append((chunk, submit(chunk)))
         while in_flight:
             chunk, future = in_flight.popleft()
-            for record, (data, h, w, c) in zip(chunk, future.result()):
-                writer.add({"image": data, "height": h, "width": w, "channels": c,
-                            "label": record.label, "split": record.split,
-                            "source": record.source, "synthetic": False,
-                            "sha256": sha256_hex(data)})
+            for record, encoded in zip(chunk, future.result()):
+                writer.add({**encoded.row(), "label": record.label, "split": record.split,
+                            "source": record.source, "synthetic": False, "sha256": sha256_hex(encoded.image)})
+                windowed_rows += encoded.summary["windowed"]
+                if record.split == "train":
+                    stats.add(encoded.summary)
             progress.step(len(chunk))
             following = next(pending, None)
             if following is not None:
                 in_flight.append((following, submit(following)))
         pool.shutdown(wait=True)
+        resolved, pixel_stats = stats.finish()  # a dataset window from the train split's images
+        if not windowed_rows and spec.kind != "auto":
+            logger.warning("--window %s was not used: no image is 16-bit, float or grey DICOM (8-bit "
+                           "images are never windowed)", spec)
+        intensity = {"window": str(resolved), "requested": str(spec), "scope": spec.scope, "frames": frames,
+                     "windowed_rows": windowed_rows}
         manifest = writer.publish({
             "input": input_uri, "format": scanned.fmt, "seed": seed,
             "split_ratios": None if scanned.given_splits else {"val": val, "test": test},
@@ -458,9 +399,9 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
             "skipped_files": scanned.skipped[:100], "num_skipped_files": len(scanned.skipped),
             "medbalance_version": medbalance.__version__,
             "seconds": round(time.perf_counter() - started, 3),
-        })
+        }, intensity=intensity, pixel_stats=pixel_stats)
     except BaseException:  # also KeyboardInterrupt and SIGTERM (ray_jobs.cli): leave nothing behind
-        _stop_pool(pool)
+        stop_pool(pool)
         writer.abort()
         raise
     return manifest

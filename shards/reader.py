@@ -15,7 +15,7 @@ import torch
 
 from medbalance.errors import DataError, StorageError
 from shards import storage
-from shards.image import decode_image, sha256_hex
+from shards.image import decode_image, read_pixels, sha256_hex, to_chw
 from shards.schema import MANIFEST_NAME, SCHEMA, Manifest
 
 
@@ -80,12 +80,23 @@ def _read_table(fs, path: str, uri: str, columns: list[str] | None = None) -> pa
                         f"`python -m ray_jobs.prepare --verify {uri}` and re-create the dataset") from exc
 
 
-def decode_to_chw(data: bytes, where: str = "image") -> np.ndarray:
-    """Encoded bytes -> 3 x H x W uint8 (grey is repeated to 3 channels)."""
-    hwc = decode_image(data, where)
-    if hwc.shape[2] == 1:
-        hwc = np.repeat(hwc, 3, axis=2)
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+def decode_to_chw(data: bytes, where: str = "image", *, window=None, pixel_map: dict | None = None,
+                  channels: int = 3, as_float: bool = False, frames: str | None = None) -> np.ndarray:
+    """Encoded bytes -> C x H x W (grey repeated to 3 channels, or RGB to luma for ``channels=1``).
+
+    Args:
+        window: the window of 16-bit/float/DICOM images (``Manifest.window``; default auto).
+        pixel_map: the row's ``pixel_map`` (DICOM rows).
+        as_float: float32 in [0, 1] (keeps 16 bits of a windowed image) instead of uint8.
+        frames: ``--frames`` for multi-page/multi-frame original files.
+    """
+    pixels = read_pixels(data, where, pixel_map=pixel_map, frames=frames, window=window)
+    return to_chw(pixels, window, channels, as_float)
+
+
+def read_columns(manifest: Manifest, *columns: str) -> list[str]:
+    """``columns`` plus the optional ones readers need (``pixel_map``) where the shards hold them."""
+    return list(columns) + [c for c in ("pixel_map",) if c in manifest.extra_columns]
 
 
 def ray_dataset(uri: str, split: str, *, include_synthetic: bool = True,
@@ -111,20 +122,25 @@ def ray_dataset(uri: str, split: str, *, include_synthetic: bool = True,
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """A map-style PyTorch dataset over one split: ``(uint8 3 x H x W tensor, int label)``.
+    """A map-style PyTorch dataset over one split: ``(C x H x W tensor, int label)``.
 
-    The split's shards are read once into memory (encoded bytes, not pixels); images are decoded
-    in ``__getitem__``, so it works with a ``DataLoader``'s worker processes.
+    Images are uint8 in [0, 255]; in a dataset with 16-bit, float or DICOM grey rows
+    (``manifest.windowed``) every image is float32 in [0, 1] instead, windowed by the manifest's
+    window (16-bit precision kept). The split's shards are read once into memory (encoded bytes,
+    not pixels); images are decoded in ``__getitem__``, so it works with a ``DataLoader``'s worker
+    processes.
 
     Args:
         uri: dataset URI.
         split: ``train``, ``val`` or ``test``.
-        transform: optional callable on the uint8 tensor.
+        transform: optional callable on the image tensor.
         include_synthetic: keep GAN rows.
+        channels: 3 (grey repeated) or 1 (RGB as luma).
     """
 
-    def __init__(self, uri: str, split: str, transform=None, include_synthetic: bool = True):
-        self.uri, self.split, self.transform = uri, split, transform
+    def __init__(self, uri: str, split: str, transform=None, include_synthetic: bool = True,
+                 channels: int = 3):
+        self.uri, self.split, self.transform, self.channels = uri, split, transform, channels
         self.manifest = read_manifest(uri)
         self.class_names = self.manifest.class_names
         fs, _ = storage.resolve(uri)
@@ -135,12 +151,17 @@ class ShardDataset(torch.utils.data.Dataset):
         self.images = table["image"].to_pylist()
         self.labels = np.asarray(table["label"].to_numpy(), dtype=np.int64)
         self.sources = table["source"].to_pylist()
+        self.pixel_maps = (table["pixel_map"].to_pylist() if "pixel_map" in table.column_names
+                           else [None] * len(self.labels))
+        self.window, self.as_float = self.manifest.window, self.manifest.windowed
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        image = torch.from_numpy(decode_to_chw(self.images[index], f"{self.uri} row {self.sources[index]}"))
+        image = torch.from_numpy(decode_to_chw(
+            self.images[index], f"{self.uri} row {self.sources[index]}", window=self.window,
+            pixel_map=self.pixel_maps[index], channels=self.channels, as_float=self.as_float))
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
@@ -184,13 +205,14 @@ def verify(uri: str) -> VerifyReport:
         images = table["image"].to_pylist()
         digests = table["sha256"].to_pylist()
         sources = table["source"].to_pylist()
-        for row, (image, digest, source) in enumerate(zip(images, digests, sources)):
+        maps = table["pixel_map"].to_pylist() if "pixel_map" in table.column_names else [None] * len(images)
+        for row, (image, digest, source, pixel_map) in enumerate(zip(images, digests, sources, maps)):
             if sha256_hex(image) != digest:
                 raise DataError(f"shard {where} row {row} (source {source}): image bytes do not "
                                 f"match their sha256{'; ' + '; '.join(problems) if problems else ''}; "
                                 "re-create the dataset")
             try:
-                decode_image(image, f"shard {where} row {row} (source {source})")
+                decode_image(image, f"shard {where} row {row} (source {source})", manifest.window, pixel_map)
             except DataError as exc:
                 raise DataError(f"{exc}; re-create the dataset") from exc
         if problems:

@@ -23,7 +23,25 @@ split       string    train / val / test
 source      string    relative path (folder, CSV) or ``<split>:<index>`` (npz)
 synthetic   bool      True for GAN-generated rows
 sha256      string    hex digest of ``image``
+pixel_map   struct    DICOM rows: ``scale, offset`` (stored -> Modality values),
+                      ``window_low, window_high`` (the file's own window or null),
+                      ``invert`` (MONOCHROME1); null for every other row
+dicom       struct    DICOM rows: whitelisted, non-identifying tags only (modality,
+                      rows, columns, pixel_spacing, photometric, bits_stored,
+                      frames, frame); null for every other row
 =========== ========= ===========================================================
+
+Compatibility: ``pixel_map`` and ``dicom`` were added after the first datasets were written. The
+writer always writes them (null when unused); the manifest's ``extra_columns`` lists them, and
+readers ask for them only when it does, so datasets written before still read unchanged (and
+their manifests, which lack ``intensity``, ``pixel_stats`` and ``extra_columns``, load with those
+empty). The format version stays 1: an older reader ignores both the new manifest keys and the
+new columns (it would refuse a 16-bit image by name, not misread it).
+
+The manifest also records how images become model inputs: ``intensity`` (the ``--window`` asked
+for, the window applied, e.g. ``fixed:LO,HI`` for a dataset window, ``--frames``, the count of
+windowed rows) and ``pixel_stats`` (the train split's per-channel mean/std in [0, 1], for
+``normalize: dataset``); see ``shards/intensity.py``.
 """
 from __future__ import annotations
 
@@ -52,6 +70,13 @@ SCHEMA = pa.schema(
         pa.field("sha256", pa.string()),
     ]
 )
+PIXEL_MAP = pa.struct([("scale", pa.float64()), ("offset", pa.float64()), ("window_low", pa.float64()),
+                       ("window_high", pa.float64()), ("invert", pa.bool_())])
+DICOM_META = pa.struct([("modality", pa.string()), ("rows", pa.int32()), ("columns", pa.int32()),
+                        ("pixel_spacing", pa.list_(pa.float64())), ("photometric", pa.string()),
+                        ("bits_stored", pa.int32()), ("frames", pa.int32()), ("frame", pa.int32())])
+EXTRA_COLUMNS = ("pixel_map", "dicom")
+WRITE_SCHEMA = SCHEMA.append(pa.field("pixel_map", PIXEL_MAP)).append(pa.field("dicom", DICOM_META))
 
 
 @dataclasses.dataclass
@@ -74,6 +99,9 @@ class Manifest:
     shards: list[ShardInfo]
     provenance: dict[str, Any]
     format_version: int = FORMAT_VERSION
+    intensity: dict[str, Any] | None = None      # window asked / applied, frames, windowed rows
+    pixel_stats: dict[str, Any] | None = None    # train split mean/std per channel ("rgb", "grey")
+    extra_columns: list[str] = dataclasses.field(default_factory=list)  # optional columns the shards hold
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +115,16 @@ class Manifest:
         """Rows per class (in class-index order) for one split."""
         per = self.counts.get(split, {})
         return [int(per.get(name, 0)) for name in self.class_names]
+
+    @property
+    def windowed(self) -> bool:
+        """Whether any row holds 16-bit, float or DICOM grey values (read through a window)."""
+        return bool((self.intensity or {}).get("windowed_rows"))
+
+    @property
+    def window(self) -> str:
+        """The window applied to windowed rows (``auto`` for datasets made before windows existed)."""
+        return (self.intensity or {}).get("window", "auto")
 
     def shards_of(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -110,6 +148,9 @@ class Manifest:
                 shards=[ShardInfo(**s) for s in raw["shards"]],
                 provenance=dict(raw.get("provenance", {})),
                 format_version=version,
+                intensity=raw.get("intensity"),
+                pixel_stats=raw.get("pixel_stats"),
+                extra_columns=list(raw.get("extra_columns", [])),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{where} is not a valid medbalance manifest: {exc!r}") from exc

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from urllib.parse import urlparse
 
 import logging
 

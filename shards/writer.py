@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from medbalance.errors import DataError
 from shards import storage
 from shards.image import sha256_hex
-from shards.schema import MANIFEST_NAME, SCHEMA, SPLITS, Manifest, ShardInfo
+from shards.schema import EXTRA_COLUMNS, MANIFEST_NAME, SPLITS, WRITE_SCHEMA, Manifest, ShardInfo
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,13 @@ class ShardWriter:
         rows = self._buffers[split]
         if not rows:
             return
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        table = pa.Table.from_pylist(rows, schema=WRITE_SCHEMA)  # missing optional columns: null
         mean_bytes = max(1, self._buffer_bytes[split] // len(rows))
         sink = io.BytesIO()
         pq.write_table(
             table, sink,
             row_group_size=max(16, ROW_GROUP_BYTES // mean_bytes),
-            compression={name: ("NONE" if name == "image" else "ZSTD") for name in SCHEMA.names},
+            compression={name: ("NONE" if name == "image" else "ZSTD") for name in WRITE_SCHEMA.names},
         )
         data = sink.getvalue()
         rel = f"{self.run_dir}/{split}-{self._next_index[split]:05d}.parquet"
@@ -118,8 +118,14 @@ class ShardWriter:
         self._buffers[split] = []
         self._buffer_bytes[split] = 0
 
-    def publish(self, provenance: dict) -> Manifest:
-        """Flush what is buffered, write the manifest (atomically), drop a replaced dataset."""
+    def publish(self, provenance: dict, intensity: dict | None = None,
+                pixel_stats: dict | None = None) -> Manifest:
+        """Flush what is buffered, write the manifest (atomically), drop a replaced dataset.
+
+        Args:
+            provenance: how the dataset was made.
+            intensity, pixel_stats: see ``shards.schema``.
+        """
         for split in SPLITS:
             self._flush(split)
         manifest = Manifest(
@@ -127,6 +133,9 @@ class ShardWriter:
             counts={s: c for s, c in self.counts.items() if sum(c.values()) > 0},
             shards=self.shards,
             provenance=provenance,
+            intensity=intensity,
+            pixel_stats=pixel_stats,
+            extra_columns=list(EXTRA_COLUMNS),
         )
         storage.write_bytes_atomic(self.fs, f"{self.root}/{MANIFEST_NAME}",
                                    manifest.to_json().encode("utf-8"),

@@ -147,6 +147,64 @@ def test_reset_classifier_and_in_chans(name):
             assert model(images(channels=1)).shape == (2, model.num_features)
 
 
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_in_chans_1_trains(name):
+    """A grey (1-channel) model, as ``data.channels: 1`` builds it: every parameter gets a finite
+    gradient, the stem included, at 32 x 32 (the smallest size the training job allows is 8)."""
+    model = build(name, in_chans=1).train()
+    assert model.in_chans == 1
+    logits = model(images(size=32, channels=1))
+    assert logits.shape == (2, NUM_CLASSES) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), f"{name}: {pname}"
+    stem = next(p for n, p in model.named_parameters() if p.ndim == 4)  # the first conv
+    assert stem.shape[1] == 1 and stem.grad.abs().sum() > 0
+
+
+def _default_conv_std(conv: nn.Conv2d) -> float:
+    """PyTorch's default Conv2d init: Kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in))."""
+    fan_in = conv.weight[0].numel()
+    return 1 / np.sqrt(fan_in) / np.sqrt(3)
+
+
+def test_authors_init_is_the_default_and_ours_an_option():
+    from models.adsr import StyleMix
+
+    authors, ours = build("adsr_resnet50"), build("adsr_resnet50", init="ours")
+    for model, rule in ((authors, "authors"), (ours, "ours")):
+        mixes = [m for m in model.modules() if isinstance(m, StyleMix)]
+        big = max(mixes, key=lambda m: m.weight.numel())  # 1024 channels: a tight std estimate
+        fan_out_std = np.sqrt(2 / (big.out_channels * 2))
+        expected = _default_conv_std(big) if rule == "authors" else fan_out_std
+        assert big.weight.std().item() == pytest.approx(expected, rel=0.02), rule
+        assert all(torch.all(m.bias == 0) for m in mixes)
+        fc_std = model.fc.weight.std().item()
+        if rule == "authors":  # Kaiming-normal (fan_in), bias 0
+            assert fc_std == pytest.approx(np.sqrt(2 / 2048), rel=0.1) and torch.all(model.fc.bias == 0)
+            down = model.layer1[0].downsample[0]  # their init loop skips keys without "conv"
+            assert down.weight.abs().max().item() <= 1 / np.sqrt(down.weight[0].numel())
+        else:  # nn.Linear's default: U(+-1/sqrt(fan_in))
+            assert fc_std == pytest.approx(1 / np.sqrt(2048) / np.sqrt(3), rel=0.1)
+    for rule in ("authors", "ours"):
+        lrf = build("lrf_cnn", init=rule)
+        conv = lrf.stages[2][1].branch3[2][0]  # a 3x3 dilated 384-channel conv
+        expected = _default_conv_std(conv) if rule == "authors" else np.sqrt(2 / (conv.out_channels * 9))
+        assert conv.weight.std().item() == pytest.approx(expected, rel=0.02), rule
+    with pytest.raises(ConfigError, match="init='theirs'"):
+        create_model("lrf_cnn", num_classes=2, init="theirs")
+
+
+def test_paper_exact_is_the_published_network():
+    model = build("adsr_resnet18", paper_exact=True)
+    psf = model.layer1[0].adsr.psf
+    assert psf.kernels == (1, 3, 3) and sorted(psf.convs) == ["k1", "k3"]
+    assert model.layer1[0].adsr.init == "authors" and model.layer1[0].adsr.gsa.mode == "faithful"
+    assert build("adsr_resnet18").layer1[0].adsr.psf.kernels == (1, 3, 7)  # our default stays
+    with pytest.raises(ConfigError, match="paper_exact=True .* cannot be combined with .*channelwise"):
+        build("adsr_resnet18", paper_exact=True, gsa="channelwise")
+
+
 @pytest.mark.parametrize("name", ["resnet18", "adsr_resnet18", "lrf_cnn"])
 def test_output_shape_at_224(name):
     model = build(name).eval()
