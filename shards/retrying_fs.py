@@ -5,8 +5,8 @@ in ``pyarrow.fs.PyFileSystem`` it is an ordinary pyarrow filesystem, so Ray Data
 checkpoint storage, Ray Tune and our own reads and writes all use it unchanged.
 
 * **Transient failures** (connection refused or reset, a request that gets no answer, HTTP 5xx,
-  throttling) are retried with exponential backoff (0.5 s doubling to 4 s) until
-  :data:`RETRY_BUDGET_S` has passed since the first failure; an S3 server that restarts within
+  throttling) are retried with exponential backoff (0.5 s doubling to 4 s) as long as the next
+  attempt starts within :data:`RETRY_BUDGET_S` of the first; an S3 server that restarts within
   that window is never noticed by the job. Writes are buffered in a local temporary file and
   uploaded whole (one PUT or multipart upload per attempt), so an upload cut by an outage is
   simply made again: an object is either complete or absent.
@@ -87,18 +87,19 @@ class RetryingS3(pafs.FileSystemHandler):
         return self._inner
 
     def _retry(self, what: str, fn, *args):
-        first_failure = None
+        """Call ``fn``; retry transient failures with backoff while the next attempt still starts
+        within ``retry_budget_s`` of the first one."""
+        started = time.monotonic()
         for attempt in range(10_000):
             try:
                 return fn(*args)
             except OSError as exc:
                 if not is_transient(exc):
                     raise
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if now - first_failure >= self.retry_budget_s:
-                    raise OSError(f"{exc} (still failing after {now - first_failure:.0f} s of retries)") from exc
+                elapsed = time.monotonic() - started
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                if elapsed + delay >= self.retry_budget_s:
+                    raise OSError(f"{exc} (still failing after {elapsed:.0f} s of retries)") from exc
                 logger.warning("S3 %s failed (%s); retrying in %.1f s", what, str(exc).splitlines()[0][:200], delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
