@@ -173,6 +173,19 @@ def s3_env(s3_server) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- Ray
+def run_ray_job_submit(cmd: list[str], env: dict, timeout: float = 900, attempts: int = 6) -> subprocess.CompletedProcess:
+    """Run a `ray job submit ...` command line; retry while the head answers "No available agent
+    to submit job" (its job agent is still registering, or too busy on a loaded machine to
+    answer): that is the cluster not being ready, not the job failing."""
+    for attempt in range(attempts):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode == 0 or "No available agent to submit job" not in out.stdout + out.stderr:
+            return out
+        time.sleep(10)
+    return out
+
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, tmp_path_factory):
     """One real local Ray cluster for the session: `ray start --head --block` (127.0.0.1, with the

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, SeaweedFS, free_port, free_port_with_grpc, stop_process_group
+from conftest import REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -113,7 +113,7 @@ def submit(cluster: dict, *job: str, env: dict | None = None, timeout: float = 9
     """`ray job submit` of a medbalance job, as cluster/README.md shows (token from the environment)."""
     cmd = [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(RUNTIME_ENV), "--", sys.executable, "-m", *job]
-    return subprocess.run(cmd, env=env or cluster["env"], capture_output=True, text=True, timeout=timeout)
+    return run_ray_job_submit(cmd, env=env or cluster["env"], timeout=timeout)
 
 
 def prepare(cluster: dict, npz: Path, bucket: str) -> str:

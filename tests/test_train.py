@@ -26,7 +26,7 @@ from ray_jobs.predict import predict
 from ray_jobs.train import TrainConfig, fit
 from shards import ingest, read_manifest, storage
 
-from conftest import REPO, stop_process_group
+from conftest import REPO, run_ray_job_submit, stop_process_group
 
 pytestmark = pytest.mark.ray
 REPORT_KEYS = {"accuracy", "macro_f1", "balanced_accuracy", "ece", "mce", "brier", "auc_macro", "g_mean",
@@ -179,7 +179,7 @@ def test_ray_job_submit(ray_cluster, tiny_data, tmp_path):
            sys.executable, "-m", "ray_jobs.train", "--data", tiny_data, "--model", "resnet18", "--loss", "ce",
            "--epochs", "1", "--batch-size", "16", "--image-size", "28", "--num-workers", "2",
            "--storage", str(tmp_path / "runs"), "--name", "submitted", "--set", "data.augment=none"]
-    out = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    out = run_ray_job_submit(cmd, env=ray_cluster["env"], timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     import re
 
