@@ -6,6 +6,8 @@ read -> map_batches -> streaming split needs free CPUs), so each job sizes its w
 """
 from __future__ import annotations
 
+import math
+
 from medbalance.errors import ConfigError
 
 
@@ -73,7 +75,7 @@ def plan_trials(num_workers: int, use_gpu: bool, trials: int, max_concurrent: in
     if use_gpu:
         concurrent = min(concurrent, int(total_gpus // num_workers))
     if cpus_per_worker is None:
-        cpus_per_worker = round((budget / concurrent - TRIAL_DRIVER_CPUS) / num_workers, 2)
+        cpus_per_worker = math.floor((budget / concurrent - TRIAL_DRIVER_CPUS) / num_workers * 100) / 100
         cpus_per_worker = min(cpus_per_worker, 8.0) if use_gpu else cpus_per_worker
     need = concurrent * (num_workers * cpus_per_worker + TRIAL_DRIVER_CPUS)
     if cpus_per_worker < 0.1 or need > budget + 1e-6:

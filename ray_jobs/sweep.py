@@ -25,8 +25,6 @@ import argparse
 import sys
 import time
 
-import yaml
-
 from medbalance.errors import ConfigError
 from ray_jobs import config as config_lib
 from ray_jobs import tuning
@@ -95,8 +93,17 @@ def make_searcher(cfg: SweepConfig, distributions: dict):
                                              n_startup_trials=min(10, max(2, cfg.trials // 4)))
     else:
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
-    return OptunaSearch(space=distributions, metric=cfg.metric, mode=cfg.mode, sampler=sampler,
-                        points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
+    class ObservedOptunaSearch(OptunaSearch):
+        """``OptunaSearch`` that says, when ``Tuner.restore`` restores it, how many finished trials its
+        study holds: a searcher that lost them (ray#30861) would plan the rest of a sweep blind."""
+
+        def restore(self, checkpoint_path: str):
+            super().restore(checkpoint_path)
+            finished = [t for t in self._ot_study.trials if t.state.is_finished()]
+            say(f"restored the Optuna searcher: its study holds {len(finished)} finished trial(s)")
+
+    return ObservedOptunaSearch(space=distributions, metric=cfg.metric, mode=cfg.mode, sampler=sampler,
+                                points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
 
 
 def make_scheduler(cfg: SweepConfig):
@@ -104,25 +111,6 @@ def make_scheduler(cfg: SweepConfig):
         return None
     return tuning.asha(cfg.metric, cfg.mode, cfg.base.epochs, cfg.scheduler.grace_period,
                        cfg.scheduler.reduction_factor)
-
-
-def _saved_config(folder: RunDir) -> SweepConfig | None:
-    fs, path = storage.resolve(folder.uri)
-    if not storage.exists(fs, f"{path}/{SWEEP_FILE}", folder.uri):
-        return None
-    text = storage.read_bytes(fs, f"{path}/{SWEEP_FILE}", storage.join(folder.uri, SWEEP_FILE))
-    return config_lib.load_config(SweepConfig, base=yaml.safe_load(text))
-
-
-def _differences(a, b, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in a.items():
-        other = b.get(key)
-        if isinstance(value, dict) and isinstance(other, dict) and key not in ("space",):
-            out += _differences(value, other, f"{prefix}{key}.")
-        elif value != other:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
@@ -138,19 +126,14 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     absolute_paths(cfg.base)
     cfg.storage = tuning.absolute(cfg.storage)
     folder = RunDir(cfg.storage, cfg.name)
-    saved = _saved_config(folder)
-    if tuning.check_resume(folder.uri, resume, has_files=saved is not None) and saved is not None:
-        changed = _differences(config_lib.to_dict(cfg), config_lib.to_dict(saved))
-        if changed:
-            say(f"resuming {folder.uri} with its saved {SWEEP_FILE}; ignoring the changed {', '.join(changed)}")
-        cfg = saved
+    cfg = tuning.resolve_resume(folder, cfg, resume, SWEEP_FILE)
     check_sweep(cfg)
     if not cfg.base.data.uri:
         raise ConfigError("no dataset: pass --data URI (a dataset made by ray_jobs.prepare) or set base.data.uri")
     class_counts = read_manifest(cfg.base.data.uri).class_counts("train")
     distributions = parse_space(cfg.space, cfg.base, class_counts)
     check_points(cfg.points_to_evaluate, distributions, cfg.base, class_counts)
-    if saved is None:
+    if not resume:
         folder.write_bytes(SWEEP_FILE, config_lib.dump_yaml(cfg).encode())
 
     from ray_jobs.ray_runtime import add_quiet_worker_lines, init_ray

@@ -189,6 +189,39 @@ def check_resume(sweep_uri: str, resume: bool, has_files: bool) -> bool:
     return existing
 
 
+def resolve_resume(folder: RunDir, cfg, resume: bool, filename: str):
+    """Apply the resume rules to a sweep/comparison folder; returns the config to run.
+
+    Without ``--resume`` a folder with results (its saved config or a Tune experiment) is refused;
+    with it, the saved config is used (changed settings are named and ignored).
+    """
+    import yaml
+
+    fs, path = storage.resolve(folder.uri)
+    saved = None
+    if storage.exists(fs, f"{path}/{filename}", folder.uri):
+        text = storage.read_bytes(fs, f"{path}/{filename}", storage.join(folder.uri, filename))
+        saved = config_lib.load_config(type(cfg), base=yaml.safe_load(text))
+    check_resume(folder.uri, resume, has_files=saved is not None)
+    if saved is None:
+        return cfg
+    changed = _differences(config_lib.to_dict(cfg), config_lib.to_dict(saved))
+    if changed:
+        say(f"resuming {folder.uri} with its saved {filename}; ignoring the changed {', '.join(changed)}")
+    return saved
+
+
+def _differences(new: dict, old: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in new.items():
+        other = old.get(key)
+        if isinstance(value, dict) and isinstance(other, dict) and key not in ("space", "methods"):
+            out += _differences(value, other, f"{prefix}{key}.")
+        elif value != other:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def run_tuner(*, sweep_uri: str, base: dict, methods: dict | None, param_space: dict, search_alg,
               scheduler, num_samples: int, concurrent: int, resume: bool, callbacks: list,
               status_interval: float, metric: str, mode: str, keys: list[str]):
