@@ -35,6 +35,7 @@ from ray_jobs.run_dir import RunDir
 from shards import storage
 
 SWEEP_FILE, TRIALS_FILE, BEST_FILE, PLOTS_DIR = "sweep.yaml", "trials.csv", "best_config.yaml", "plots"
+ASHA_FILE = "asha_rungs.json"   # the scheduler's rungs, for --resume (tuning.asha)
 SEARCHERS, SCHEDULERS = ("tpe", "random"), ("asha", "none")
 # Lines of every trial that would make a wall of logs; the sweep prints one line per trial instead.
 QUIET_LINES = (
@@ -106,11 +107,11 @@ def make_searcher(cfg: SweepConfig, distributions: dict):
                                 points_to_evaluate=[dict(p) for p in cfg.points_to_evaluate] or None)
 
 
-def make_scheduler(cfg: SweepConfig):
+def make_scheduler(cfg: SweepConfig, sweep_uri: str):
     if cfg.scheduler.name == "none":
         return None
     return tuning.asha(cfg.metric, cfg.mode, cfg.base.epochs, cfg.scheduler.grace_period,
-                       cfg.scheduler.reduction_factor)
+                       cfg.scheduler.reduction_factor, storage.join(sweep_uri, ASHA_FILE))
 
 
 def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
@@ -155,7 +156,8 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     started = time.perf_counter()
     results = tuning.run_tuner(
         sweep_uri=folder.uri, base=trial_base, methods=None, param_space={},
-        search_alg=make_searcher(cfg, distributions), scheduler=make_scheduler(cfg), num_samples=cfg.trials,
+        search_alg=make_searcher(cfg, distributions), scheduler=make_scheduler(cfg, folder.uri),
+        num_samples=cfg.trials,
         concurrent=concurrent, resume=restore, status_interval=cfg.status_interval, metric=cfg.metric,
         mode=cfg.mode, keys=keys,
         callbacks=[tuning.trial_lines(cfg.metric, cfg.mode, base.epochs, keys)])

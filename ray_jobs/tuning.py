@@ -103,22 +103,52 @@ def _epoch_report_callback():
     return EpochReport()  # defined here so that importing this module does not import Ray
 
 
-def asha(metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float):
-    """Ray Tune's ASHA on :data:`CLOCK`, except that a trial at its last epoch is never stopped.
+def asha(metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float, state_uri: str):
+    """Ray Tune's ASHA on :data:`CLOCK`, with two changes.
 
-    Tune stops a trial by ending its actor. At the last epoch the trial is about to end by itself;
-    letting it do so lets ``fit`` write the run's ``result.json`` and Ray Train remove the run's
-    placement group at once (a trial ASHA stops earlier leaves that to Ray Train's
-    ``PlacementGroupCleaner``).
+    * A trial at its last epoch is never stopped. Tune stops a trial by ending its actor; at the
+      last epoch the trial is about to end by itself, and letting it do so lets ``fit`` write the
+      run's ``result.json`` and Ray Train remove the run's placement group at once (a trial ASHA
+      stops earlier leaves that to Ray Train's ``PlacementGroupCleaner``).
+    * Its rungs (every trial's value at each milestone) are kept in ``state_uri`` after each
+      decision and read back after ``Tuner.restore``: Tune restores a scheduler as it was pickled
+      at the start of the experiment (``TuneController`` does not snapshot it), so a resumed sweep
+      would otherwise let the next trials pass every rung unopposed.
     """
     from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-    class LastEpochASHA(AsyncHyperBandScheduler):
+    class ResumableASHA(AsyncHyperBandScheduler):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._state_uri, self._loaded = state_uri, False
+
+        def _load(self) -> None:
+            if self._loaded:
+                return
+            self._loaded = True
+            fs, path = storage.resolve(self._state_uri)
+            if not storage.exists(fs, path, self._state_uri):
+                return
+            saved = json.loads(storage.read_bytes(fs, path, self._state_uri))
+            for bracket, rungs in zip(self._brackets, saved):
+                bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
+
+        def _save(self) -> None:
+            fs, path = storage.resolve(self._state_uri)
+            state = [[[m, r] for m, r in bracket._rungs] for bracket in self._brackets]
+            storage.write_bytes_atomic(fs, path, json.dumps(state).encode(), self._state_uri)
+
+        def on_trial_add(self, tune_controller, trial):
+            self._load()
+            super().on_trial_add(tune_controller, trial)
+
         def on_trial_result(self, tune_controller, trial, result):
+            self._load()
             decision = super().on_trial_result(tune_controller, trial, result)
+            self._save()
             return TrialScheduler.CONTINUE if result.get(CLOCK, 0) >= max_epochs else decision
 
-    return LastEpochASHA(time_attr=CLOCK, metric=metric, mode=mode, max_t=max_epochs,
+    return ResumableASHA(time_attr=CLOCK, metric=metric, mode=mode, max_t=max_epochs,
                          grace_period=grace_period, reduction_factor=reduction_factor)
 
 
