@@ -153,8 +153,12 @@ def write_tables(cfg: CompareConfig, folder: RunDir, overlays: dict, results, se
             run["report"] = storage.join(out, "report.json")
             jobs[len(runs)] = (row["checkpoint"], data, out)
         runs.append(run)
-    # Each evaluation waits mostly on its model actor starting: run them side by side.
-    with ThreadPoolExecutor(max_workers=max(1, concurrent)) as pool:
+    # Each evaluation waits mostly on its model actor starting: run them side by side, as many as
+    # leave every one a CPU for its actor and one for decoding (more would starve Ray Data).
+    import ray
+
+    side_by_side = max(1, min(concurrent, int(ray.cluster_resources().get("CPU", 0) // 2)))
+    with ThreadPoolExecutor(max_workers=side_by_side) as pool:
         futures = {i: pool.submit(lambda c, d, o: _existing_report(o) or evaluate(c, d, cfg.split, o,
                                                                                   calibrate=cfg.calibrate), *job)
                    for i, job in jobs.items()}
