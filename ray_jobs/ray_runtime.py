@@ -76,6 +76,18 @@ def configure_logging(verbose: bool = False) -> None:
         _set_skip_regex(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
 
 
+def add_quiet_worker_lines(*patterns: str) -> None:
+    """Also drop forwarded worker lines matching ``patterns`` (e.g. the per-epoch lines of a sweep's
+    many trials); nothing is dropped under ``--verbose``. Call before ``init_ray``."""
+    if _VERBOSE:
+        return
+    current = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    pattern = "|".join(([current] if current else []) + [f"(?:{p})" for p in patterns])
+    os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = pattern
+    if "ray" in sys.modules:
+        _set_skip_regex(pattern)
+
+
 def _set_skip_regex(pattern: str) -> None:
     """Ray reads RAY_DEDUP_LOGS_SKIP_REGEX when it is imported; apply it to a loaded Ray too."""
     import re
@@ -124,8 +136,9 @@ def init_ray() -> None:
     level = auth_logger.level
     if address is None and not _VERBOSE:
         auth_logger.setLevel(logging.ERROR)  # "Token authentication is enabled ... to opt out"
+    dashboard = {} if address else _embedded_dashboard()
     try:
-        ray.init(address=address, log_to_driver=True,
+        ray.init(address=address, log_to_driver=True, **dashboard,
                  logging_level=logging.INFO if _VERBOSE else logging.WARNING,
                  _system_config=None if address else LOCAL_RAY_SYSTEM_CONFIG,
                  # Only non-secret settings travel this way: Ray's runtime-env agent logs them.
@@ -133,6 +146,28 @@ def init_ray() -> None:
                                            if k in os.environ}})
     finally:
         auth_logger.setLevel(level)
+
+
+def _embedded_dashboard() -> dict:
+    """Where the embedded Ray's dashboard listens, told to every Ray process it starts.
+
+    Ray Train's ``PlacementGroupCleaner`` (a detached actor) removes the placement group of a run
+    whose controller died, e.g. a sweep trial that ASHA stopped. It finds the cluster's state API
+    through ``RAY_API_SERVER_ADDRESS``, else by looking for running Ray instances; with more than
+    one Ray on the machine that look-up fails and the trial's CPUs stay reserved until the job
+    ends. The embedded Ray's processes inherit this process's environment, so the address is set
+    here, before they start, on a port chosen here.
+    """
+    import socket
+
+    if os.environ.get("RAY_API_SERVER_ADDRESS") and not os.environ.get("MEDBALANCE_EMBEDDED_DASHBOARD"):
+        return {}  # the user chose one
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ["MEDBALANCE_EMBEDDED_DASHBOARD"] = "1"  # ours: a later embedded Ray picks again
+    return {"dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def run_as_task(fn, *args, **kwargs):

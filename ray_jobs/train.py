@@ -360,16 +360,18 @@ def raise_for_status(summary: dict) -> None:
         raise DataError(summary["message"])
 
 
-def fit(cfg: TrainConfig, resume: str = "auto") -> dict:
+def fit(cfg: TrainConfig, resume: str = "auto", callbacks: list | None = None) -> dict:
     """Train ``cfg`` on the connected Ray cluster; write and return ``result.json``'s content.
 
     Args:
         resume: ``auto`` (resume if the run has results), ``resume`` (must have), ``fresh``
             (must not have).
+        callbacks: Ray Train ``UserCallback``s for the run's ``RunConfig`` (a sweep's trials pass
+            Tune's ``TuneReportCallback``).
     """
     manifest, loop_config, datasets = prepare_run(cfg, resume)
     started = time.perf_counter()
-    result = make_trainer(cfg, loop_config, datasets).fit()
+    result = make_trainer(cfg, loop_config, datasets, callbacks=callbacks).fit()
     summary = summarize(cfg, result, manifest, time.perf_counter() - started)
     run = run_dir(cfg)
     run.write_bytes("config.yaml", config_lib.dump_yaml(cfg).encode())

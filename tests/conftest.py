@@ -208,6 +208,9 @@ def ray_cluster(s3_server, tmp_path_factory):
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={os.environ.get('MEDBALANCE_TEST_CPUS', '2')}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp}",
+           # The job agent's HTTP port (default 52365) is taken when another Ray runs on the machine;
+           # then `ray job submit` fails with "No available agent to submit job".
+           f"--dashboard-agent-listen-port={free_port()}",
            "--disable-usage-stats", f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}"]
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,234 @@
+"""Method comparison: named methods x seeds as Ray Tune trials, each best checkpoint evaluated on
+test, one table of mean ± std over seeds and a paired comparison against a baseline.
+
+    python -m ray_jobs.compare --config configs/compare-retina.yaml --data runs/data/retina
+    python -m ray_jobs.compare --config configs/compare-retina.yaml --seeds 0 1 2 3 4 --epochs 30 \
+        --storage s3://b/compare --name retina-5seeds
+    python -m ray_jobs.compare --config configs/compare-retina.yaml --resume   # after an interruption
+
+A method is a ``TrainConfig`` overlay on ``base`` (``CompareConfig``, ``ray_jobs.config``): model,
+loss, loss parameters, and anything else, including ``data`` (its own dataset, e.g. one with GAN
+images added). The grid (method x seed) runs through the sweep's trial code
+(``ray_jobs.tuning``: Tune trials that fit ``ray_jobs.train``'s loop, as many at once as the cluster
+fits). Each trial's best checkpoint (by ``base.checkpoint_metric`` on val) is then scored on
+``split`` with ``ray_jobs.evaluate.evaluate``.
+
+Results in ``<storage>/<name>/``: ``compare.yaml`` (resolved config), ``runs.csv`` (one row per
+method and seed with the test metrics), ``comparison.csv`` and ``comparison.md`` (per method:
+mean ± std of macro-F1, B-ACC, ECE, Brier, AUC; each method minus the baseline with a 95%
+t-interval over paired seeds: ``metrics.comparison``), and ``eval/<method>-seed<k>/`` reports.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from medbalance.errors import ConfigError
+from ray_jobs import config as config_lib
+from ray_jobs import tuning
+from ray_jobs.cli import add_verbose_flag, run_main
+from ray_jobs.config import CompareConfig
+from ray_jobs.progress import say
+from ray_jobs.run_dir import RunDir
+from shards import storage
+
+COMPARE_FILE, RUNS_FILE, TABLE_CSV, TABLE_MD = "compare.yaml", "runs.csv", "comparison.csv", "comparison.md"
+FIXED = ("name", "storage", "seed", "num_workers", "use_gpu", "cpus_per_worker")   # per-grid, not per-method
+
+
+def _overlay(name: str, overlay) -> dict:
+    """A method's overlay with ``data: URI`` expanded and local paths made absolute."""
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"methods.{name} must be a mapping of TrainConfig keys, got {overlay!r}")
+    fixed = sorted(set(overlay) & set(FIXED))
+    if fixed:
+        raise ConfigError(f"methods.{name}: {fixed} are set for the whole grid (base, seeds), not per method")
+    overlay = dict(overlay)
+    if isinstance(overlay.get("data"), str):
+        overlay["data"] = {"uri": overlay["data"]}
+    if isinstance(overlay.get("data"), dict) and overlay["data"].get("uri"):
+        overlay["data"] = {**overlay["data"], "uri": tuning.absolute(overlay["data"]["uri"])}
+    if overlay.get("pretrained"):
+        overlay["pretrained"] = tuning.absolute(overlay["pretrained"])
+    return overlay
+
+
+def check_compare(cfg: CompareConfig) -> dict:
+    """Check the grid before any trial; returns ``{method: overlay}`` ready for the trials."""
+    from shards import read_manifest
+
+    from ray_jobs.search_space import check_params
+    from ray_jobs.sweep import absolute_paths
+
+    if not isinstance(cfg.methods, dict) or not cfg.methods:
+        raise ConfigError("the comparison has no methods: give `methods:` {name: {model: ..., loss: ...}}")
+    seeds = cfg.seeds
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    cfg.baseline = cfg.baseline or next(iter(cfg.methods))
+    if cfg.baseline not in cfg.methods:
+        raise ConfigError(f"baseline {cfg.baseline!r} is not one of the methods {list(cfg.methods)}")
+    if cfg.split not in ("val", "test"):
+        raise ConfigError(f"split must be val or test, got {cfg.split!r}")
+    absolute_paths(cfg.base)
+    cfg.eval_data = tuning.absolute(cfg.eval_data)
+    base = config_lib.to_dict(cfg.base)
+    overlays = {}
+    for name, overlay in cfg.methods.items():
+        overlays[name] = _overlay(str(name), overlay)
+        tree = config_lib.to_dict(config_lib.load_config(type(cfg.base), base=base))
+        config_lib._merge(tree, overlays[name])
+        trial = config_lib.load_config(type(cfg.base), base=tree)
+        if not trial.data.uri:
+            raise ConfigError(f"methods.{name}: no dataset; pass --data or give the method `data: URI`")
+        check_params(tree, {}, f"methods.{name}", read_manifest(trial.data.uri).class_counts("train"))
+    return overlays
+
+
+def compare(cfg: CompareConfig, resume: bool = False) -> dict:
+    """Run (or continue) the grid, evaluate every best checkpoint, write the tables.
+
+    Returns:
+        ``{"uri", "runs", "rows", "markdown", "seconds"}``.
+    """
+    from ray import tune
+
+    from ray_jobs.ray_runtime import init_ray
+    from ray_jobs.resources import plan_trials
+    from ray_jobs.sweep import QUIET_LINES
+
+    cfg.storage = tuning.absolute(cfg.storage)
+    folder = RunDir(cfg.storage, cfg.name)
+    cfg = tuning.resolve_resume(folder, cfg, resume, COMPARE_FILE)
+    overlays = check_compare(cfg)
+    if not resume:
+        folder.write_bytes(COMPARE_FILE, config_lib.dump_yaml(cfg).encode())
+
+    from ray_jobs.ray_runtime import add_quiet_worker_lines
+
+    add_quiet_worker_lines(*QUIET_LINES)
+    init_ray()
+    base = cfg.base
+    trials = len(cfg.methods) * len(cfg.seeds)
+    concurrent, cpus = plan_trials(base.num_workers, base.use_gpu, trials, cfg.max_concurrent_trials,
+                                   base.cpus_per_worker)
+    trial_base = config_lib.to_dict(base)
+    trial_base["cpus_per_worker"] = cpus
+    restore = resume and tuning.has_experiment(folder.uri)
+    say(f"compare {folder.uri}: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds, {base.epochs} epochs each, "
+        f"{concurrent} at a time on {base.num_workers} worker(s) x {cpus:g} CPUs; baseline {cfg.baseline}"
+        + ("; resuming" if restore else ""))
+    started = time.perf_counter()
+    metric, keys = base.checkpoint_metric, ["method", "seed"]
+    results = tuning.run_tuner(
+        sweep_uri=folder.uri, base=trial_base, methods=overlays,
+        param_space={"method": tune.grid_search(list(cfg.methods)), "seed": tune.grid_search(list(cfg.seeds))},
+        search_alg=None, scheduler=None, num_samples=1, concurrent=concurrent, resume=restore,
+        status_interval=cfg.status_interval, metric=metric, mode=base.checkpoint_mode, keys=keys,
+        callbacks=[tuning.trial_lines(metric, base.checkpoint_mode, base.epochs, keys)])
+    return write_tables(cfg, folder, overlays, results, time.perf_counter() - started, concurrent)
+
+
+def write_tables(cfg: CompareConfig, folder: RunDir, overlays: dict, results, seconds: float,
+                 concurrent: int = 1) -> dict:
+    """Evaluate each trial's best checkpoint (reports already there are reused) and write the tables."""
+    from metrics.comparison import COMPARE_METRICS, summarize, to_markdown
+    from ray_jobs import sweep_report as report
+    from ray_jobs.evaluate import evaluate
+
+    base = cfg.base
+    rows, _ = report.trial_rows(results, sweep_uri=folder.uri, metric=base.checkpoint_metric,
+                                mode=base.checkpoint_mode, max_epochs=base.epochs, keys=["method", "seed"])
+    runs, jobs = [], {}
+    for row in sorted(rows, key=lambda r: (list(cfg.methods).index(r["method"]), r["seed"])):
+        run = {"method": row["method"], "seed": row["seed"], "status": row["status"],
+               f"val_{base.checkpoint_metric.removeprefix('val_')}": row[f"best_{base.checkpoint_metric}"],
+               "best_epoch": row["best_epoch"], "checkpoint": row["checkpoint"], "message": row["message"]}
+        if row["status"] != report.FAILED and row["checkpoint"]:
+            data = cfg.eval_data or (overlays[row["method"]].get("data", {}).get("uri") or base.data.uri)
+            out = storage.join(folder.uri, "eval", tuning.run_name(row, row["trial_id"]))
+            run["report"] = storage.join(out, "report.json")
+            jobs[len(runs)] = (row["checkpoint"], data, out)
+        runs.append(run)
+    # Each evaluation waits mostly on its model actor starting: run them side by side, as many as
+    # leave every one a CPU for its actor and one for decoding (more would starve Ray Data).
+    import ray
+
+    side_by_side = max(1, min(concurrent, int(ray.cluster_resources().get("CPU", 0) // 2)))
+    with ThreadPoolExecutor(max_workers=side_by_side) as pool:
+        futures = {i: pool.submit(lambda c, d, o: _existing_report(o) or evaluate(c, d, cfg.split, o,
+                                                                                  calibrate=cfg.calibrate), *job)
+                   for i, job in jobs.items()}
+        for i, future in futures.items():
+            scores = future.result()
+            runs[i].update({k: scores.get(k) for k in COMPARE_METRICS})
+            say(f"{runs[i]['method']} seed {runs[i]['seed']}: {cfg.split} macro-F1 {scores['macro_f1']:.4f}")
+    columns = ["method", "seed", "status", *COMPARE_METRICS, f"val_{base.checkpoint_metric.removeprefix('val_')}",
+               "best_epoch", "checkpoint", "report", "message"]
+    folder.write_bytes(RUNS_FILE, report.csv_bytes(runs, columns))
+    scored = [r for r in runs if r.get("macro_f1") is not None]
+    summary = summarize(scored, cfg.baseline) if scored else []
+    title = (f"{cfg.split} split, {len(cfg.seeds)} seeds, {base.epochs} epochs"
+             + (", temperature-scaled" if cfg.calibrate else ""))
+    markdown = to_markdown(summary, cfg.baseline, title=title) if summary else "no run finished\n"
+    failed = [r for r in runs if r["status"] == report.FAILED]
+    if failed:
+        markdown += "\nFailed runs (left out): " + "; ".join(
+            f"{r['method']} seed {r['seed']}: {r['message']}" for r in failed) + "\n"
+    summary_columns = list(summary[0]) if summary else ["method"]
+    for row in summary[1:]:
+        summary_columns += [k for k in row if k not in summary_columns]
+    folder.write_bytes(TABLE_CSV, report.csv_bytes(summary, summary_columns))
+    folder.write_bytes(TABLE_MD, markdown.encode())
+    print(markdown)
+    say(f"{len(runs)} runs in {seconds:.0f} s ({len(failed)} failed)")
+    return {"uri": folder.uri, "runs": runs, "rows": summary, "markdown": markdown, "seconds": round(seconds, 1)}
+
+
+def _existing_report(out: str) -> dict | None:
+    """The report a resumed comparison already wrote for this run, if any."""
+    folder = RunDir(*out.rsplit("/", 1))
+    fs, path = storage.resolve(folder.uri)
+    return folder.read_json("report.json") if storage.exists(fs, f"{path}/report.json", folder.uri) else None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="comparison preset (configs/compare-*.yaml); flags below override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key, e.g. base.optim.lr=0.05 or methods.r18.loss=focal (repeatable)")
+    p.add_argument("--data", help="dataset URI of every method without its own (base.data.uri)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--baseline")
+    p.add_argument("--epochs", type=int, help="base.epochs")
+    p.add_argument("--image-size", type=int, help="base.data.image_size")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers per run (base.num_workers)")
+    p.add_argument("--storage", help="local path or s3://bucket/prefix")
+    p.add_argument("--name", help="results go to <storage>/<name>/")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted comparison of this name")
+    add_verbose_flag(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    flags = {"base.data.uri": args.data, "baseline": args.baseline, "base.epochs": args.epochs,
+             "base.data.image_size": args.image_size, "base.num_workers": args.num_workers,
+             "storage": args.storage, "name": args.name,
+             "seeds": f"[{', '.join(map(str, args.seeds))}]" if args.seeds else None}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return config_lib.load_config(CompareConfig, args.config, overrides + args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    result = compare(config_from_args(args), resume=args.resume)
+    print(f"table: {storage.join(result['uri'], TABLE_MD)} (CSV: {TABLE_CSV}; per run: {RUNS_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    from ray_jobs import compare as _module
+    sys.exit(run_main(_module.main))
