@@ -63,6 +63,8 @@ def cluster(tmp_path_factory):
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
          '--resources={"head_node": 1}', "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # each node's job agent on a port of its own (the default 52365 is shared by every Ray here)
+         f"--dashboard-agent-listen-port={free_port()}",
          f"--system-config={system_config}"],
         env=env, stdout=open(logs / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     procs = [head]
@@ -70,7 +72,8 @@ def cluster(tmp_path_factory):
         _wait_for(lambda: _ray_status(env, address) >= 1, head, "the head node")
         worker = subprocess.Popen(
             [RAY, "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             '--resources={"second_node": 1}', "--disable-usage-stats"],
+             '--resources={"second_node": 1}', "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}"],
             env=env, stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(worker)
         _wait_for(lambda: _ray_status(env, address) >= 2, worker, "the second node")
@@ -173,6 +176,22 @@ def test_two_node_training_with_data_and_checkpoints_on_s3(cluster, tiny_npz):
                  "--output", f"{runs}/spread/predictions")
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert read_json(s3, f"{runs}/spread/predictions/_SUCCESS.json")["rows"] == 20
+
+
+def test_sweep_on_the_two_node_cluster(cluster, tiny_npz):
+    """A small sweep (2 trials of one epoch) through `ray job submit`, data and results on S3."""
+    s3 = cluster["s3"]
+    bucket = s3.bucket()
+    data = prepare(cluster, tiny_npz, bucket)
+    out = submit(cluster, "ray_jobs.sweep", "--config", "configs/sweep-cws.yaml", "--data", data, "--trials", "2",
+                 "--epochs", "1", "--image-size", "28", "--num-workers", "1", "--storage", f"{bucket}/sweeps",
+                 "--name", "sw", "--set", "base.model=resnet18", "--set", "base.data.augment=none",
+                 "--set", "base.data.batch_size=16")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    with s3.fs.open_input_stream(f"{bucket[5:]}/sweeps/sw/trials.csv") as f:
+        rows = f.read().decode().strip().splitlines()
+    assert len(rows) == 3, rows  # header + 2 trials
+    assert s3.fs.get_file_info(f"{bucket[5:]}/sweeps/sw/best_config.yaml").size > 0
 
 
 def test_s3_server_restarted_mid_training(cluster, tiny_npz):

@@ -87,9 +87,16 @@ def test_yaml_values_are_checked_and_name_their_file(tmp_path):
 
 def test_every_preset_and_the_defaults_are_accepted():
     assert config_lib.from_dict(TrainConfig, {}) == TrainConfig()
+    from ray_jobs.config import CompareConfig, SweepConfig
+    from ray_jobs.search_space import parse_space
+
+    kinds = {"sweep-": SweepConfig, "compare-": CompareConfig}
     for path in sorted(CONFIGS.glob("*.yaml")):
+        cls = next((c for prefix, c in kinds.items() if path.name.startswith(prefix)), TrainConfig)
         overrides = ["pretrained=scratch"] if path.name == "adsr_paper.yaml" else []
-        load(*overrides, path=str(path))
+        cfg = config_lib.load_config(cls, str(path), overrides)
+        if cls is SweepConfig:  # the search space too: every end of every range builds a valid TrainConfig
+            assert parse_space(cfg.space, cfg.base)
 
 
 def test_cli_bad_value_exits_2_before_ray_starts(tmp_path, capsys):
