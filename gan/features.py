@@ -5,7 +5,8 @@ metrics are computed by torchmetrics, which accepts any feature module; the feat
 
 * a user-given extractor file: a TorchScript module (``torch.jit.save``, any suffix but .pt2) or
   a ``torch.export`` program (``.pt2``). Neither format runs arbitrary Python when loaded. The
-  module takes float B x 3 x H x W in [0, 1] and returns B x D (it does its own normalisation);
+  module takes float B x 3 x H x W in [0, 1] and returns B x D (it does its own normalisation;
+  export it with a dynamic batch dimension, ``torch.export.Dim``);
   e.g. an Inception-v3 traced from weights the user has, for comparable FID numbers; or
 * a medbalance classifier checkpoint: its ``forward_features`` (B x D after global pooling) on
   ImageNet-normalised inputs, the features the downstream classifier actually uses.
@@ -40,7 +41,11 @@ class FileExtractor(nn.Module):
         self.description = {"kind": "extractor_file", "path": os.path.abspath(path)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.module(images)
+        try:
+            out = self.module(images)
+        except Exception as exc:  # a module exported for other shapes raises AssertionError, RuntimeError, ...
+            raise ConfigError(f"the feature extractor fails on a batch of shape {tuple(images.shape)} ({exc}); "
+                              "export it for float B x 3 x H x W inputs with a dynamic batch dimension") from exc
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
             raise ConfigError(f"the feature extractor must return B x D features; it returned "
                               f"{getattr(out, 'shape', type(out))} for {tuple(images.shape)}")

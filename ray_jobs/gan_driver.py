@@ -25,7 +25,7 @@ from medbalance.errors import ConfigError, DataError, TrainingError
 from ray_jobs import config as config_lib
 from ray_jobs.gan_config import GanConfig
 from ray_jobs.progress import say
-from ray_jobs.run_dir import RESULT_FILE, RunDir, checkpoint_uri
+from ray_jobs.run_dir import RESULT_FILE, RESUME_MODES, RunDir, checkpoint_uri
 from shards import storage
 
 
@@ -156,12 +156,19 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
     from shards import check_shards
 
     cfg.check()
-    ReconstructionLoss(cfg.lpips_weights)  # a bad LPIPS weight file fails here, not in every worker
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"unknown resume mode {resume!r}; use one of {RESUME_MODES}")
+    reconstruction = ReconstructionLoss(cfg.lpips_weights).name  # a bad LPIPS file fails here, once
     manifest = check_shards(cfg.data, splits=["train"])
     classes = resolve_classes(manifest, cfg.classes)
     names = run_names(classes)
     job = RunDir(cfg.storage, cfg.name)
-    if job.check_resume(resume) or any(RunDir(job.uri, n).has_results() for n in names.values()):
+    existing = job.has_results() or any(RunDir(job.uri, n).has_results() for n in names.values())
+    if resume == "fresh" and existing:
+        raise ConfigError(f"{job.uri} already has results; choose another --name, or drop --fresh to resume it")
+    if resume == "resume" and not existing:
+        raise ConfigError(f"--resume: {job.uri} has no results to resume")
+    if existing:
         say(f"{job.uri} has results: each class resumes from its newest checkpoint")
     init_ray()
     concurrent, cfg.cpus_per_worker = plan_concurrency(cfg, len(classes))
@@ -179,7 +186,7 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
         "checkpoint": {n: r["checkpoint"] for n, r in per_class.items()},
         "status": "ok" if all(r["status"] == "ok" for r in runs) else "failed",
         "runs": per_class, "data": cfg.data, "image_size": cfg.image_size, "iterations_requested": cfg.iterations,
-        "reconstruction_loss": ReconstructionLoss(cfg.lpips_weights).name if cfg.lpips_weights else "l1",
+        "reconstruction_loss": reconstruction,
         "concurrent": concurrent, "cpus_per_worker": cfg.cpus_per_worker, "num_workers": cfg.num_workers,
         "real_train_images": {n: counts[i] for i, n in classes},
         "seconds": round(time.perf_counter() - started, 1),
@@ -192,7 +199,7 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
 
 def raise_for_status(per_class: dict) -> None:
     """A class run that stopped on its own (bad loss, damaged data) becomes the project's error."""
-    for name, run in per_class.items():
+    for run in per_class.values():
         if run["status"] == "data_error":
             raise DataError(run["message"])
     for name, run in per_class.items():
