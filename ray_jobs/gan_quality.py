@@ -40,13 +40,14 @@ def classifier_extractor(checkpoint: str):
 
 
 def load_class_rows(data: str, class_names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Class -> ``{"real": uint8 N x 3 x S x S, "synthetic": ...}`` of the train split, each image
-    decoded and resized to its class's largest real image side (square, as the GAN saw them)."""
+    """Class -> ``{"real": ..., "synthetic": ..., "held_out": ...}``, uint8 N x 3 x S x S: the train
+    split's real and synthetic rows and the real val + test rows, each image decoded and resized
+    to the side of the class's synthetic images (square, as the GAN saw them)."""
     from shards import ShardDataset
     from torchvision.transforms import v2
 
     train = ShardDataset(data, "train")
-    out: dict[str, dict[str, list]] = {c: {"real": [], "synthetic": []} for c in class_names}
+    out: dict[str, dict[str, list]] = {c: {"real": [], "synthetic": [], "held_out": []} for c in class_names}
     index = {c: train.class_names.index(c) for c in class_names}
     sides = {}
     for c in class_names:
@@ -55,25 +56,34 @@ def load_class_rows(data: str, class_names: list[str]) -> dict[str, dict[str, to
             raise DataError(f"{data} has no synthetic train images of class {c!r}; make a version with "
                             "`python -m ray_jobs.gan synthesize` first")
         sides[c] = int(train[int(rows[0])][0].shape[-1])  # the GAN's output side
-    for i in range(len(train)):
-        name = train.class_names[train.labels[i]]
-        if name in out:
-            image = train[i][0]
-            if image.shape[-1] != sides[name] or image.shape[-2] != sides[name]:
-                image = v2.functional.resize(image, [sides[name], sides[name]], antialias=True)
-            out[name]["synthetic" if train.synthetic[i] else "real"].append(image)
+    held_out = [ShardDataset(data, split) for split in ("val", "test") if split in train.manifest.splits()]
+    for dataset in [train, *held_out]:
+        for i in range(len(dataset)):
+            name = dataset.class_names[dataset.labels[i]]
+            if name in out:
+                image = dataset[i][0]
+                if image.shape[-1] != sides[name] or image.shape[-2] != sides[name]:
+                    image = v2.functional.resize(image, [sides[name], sides[name]], antialias=True)
+                kind = "held_out" if dataset is not train else "synthetic" if train.synthetic[i] else "real"
+                out[name][kind].append(image)
     return {c: {k: torch.stack(v) if v else torch.zeros(0, 3, sides[c], sides[c], dtype=torch.uint8)
                 for k, v in parts.items()} for c, parts in out.items()}
 
 
-def class_quality(extractor, real: torch.Tensor, synthetic: torch.Tensor, image_size: int, pixel_size: int,
-                  pairs: int, ratio: float) -> tuple[dict, bytes]:
-    """One class's FID/KID, neighbour checks (feature and pixel space) and closest-pairs PNG."""
+def class_quality(extractor, real: torch.Tensor, synthetic: torch.Tensor, held_out: torch.Tensor, image_size: int,
+                  pixel_size: int, pairs: int, ratio: float) -> tuple[dict, bytes]:
+    """One class's FID/KID, neighbour checks (feature and pixel space) and closest-pairs PNG.
+
+    ``held_out`` (the class's real val + test images) gives the reference: FID/KID of real train
+    vs real held-out images, the value a perfect generator would reach at these counts."""
     from gan.features import extract
     from gan.quality import closest_pairs_png, fid_kid, neighbour_check, pixels
 
     real_f, syn_f = extract(extractor, real, image_size), extract(extractor, synthetic, image_size)
     scores = fid_kid(real_f, syn_f)
+    reference = fid_kid(real_f, extract(extractor, held_out, image_size)) if len(held_out) else {}
+    scores.update(n_held_out=len(held_out), reference_fid=reference.get("fid"),
+                  reference_kid_mean=reference.get("kid_mean"))
     feature = neighbour_check(real_f, syn_f, ratio)
     pixel = neighbour_check(pixels(real, pixel_size), pixels(synthetic, pixel_size), ratio, exact=1 / 255)
     png = closest_pairs_png(synthetic, real, pixel, feature, count=pairs)
@@ -111,8 +121,8 @@ def quality(data: str, out: str, *, extractor: str | None = None, classifier: st
               "checkpoints": manifest.provenance.get("checkpoints", {})}
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
-            result, png = class_quality(module, rows[name]["real"], rows[name]["synthetic"], image_size,
-                                        pixel_size, pairs, ratio)
+            result, png = class_quality(module, rows[name]["real"], rows[name]["synthetic"], rows[name]["held_out"],
+                                        image_size, pixel_size, pairs, ratio)
             pairs_file = f"pairs_{_slug(name)}.png"
             Path(tmp, pairs_file).write_bytes(png)
             report["classes"][name] = {**result, "pairs_png": pairs_file}
@@ -140,13 +150,16 @@ def format_report(report: dict) -> str:
     source = ex.get("checkpoint") or ex.get("path")
     lines = [f"Features: {ex['kind']} {source} at {ex['image_size']} px; pixel space at {report['pixel_size']} px; "
              f"flagged = closer to a real image than {report['ratio']} x the real-vs-real median.", "",
-             "| class | real | synthetic | FID | KID (mean +- std) | feature NN ratio | flagged (feature) "
-             "| pixel NN ratio | flagged (pixel) |", "| --- |" + " --- |" * 8]
+             "| class | real | synthetic | FID | KID (mean +- std) | reference FID / KID | feature NN ratio "
+             "| flagged (feature) | pixel NN ratio | flagged (pixel) |", "| --- |" + " --- |" * 9]
     for name, r in report["classes"].items():
         fn, pn = r["feature_neighbours"], r["pixel_neighbours"]
         kid = "n/a" if r["kid_mean"] is None else f"{r['kid_mean']:.4g} +- {r['kid_std']:.2g}"
-        lines.append(f"| {name} | {r['n_real']} | {r['n_synthetic']} | {_fmt(r['fid'])} | {kid} | "
+        reference = f"{_fmt(r['reference_fid'])} / {_fmt(r['reference_kid_mean'])}"
+        lines.append(f"| {name} | {r['n_real']} | {r['n_synthetic']} | {_fmt(r['fid'])} | {kid} | {reference} | "
                      f"{_fmt(fn['median_ratio'])} | {fn['flagged']} | {_fmt(pn['median_ratio'])} | {pn['flagged']} |")
-    lines += ["", "NN ratio: median distance of a synthetic image to its nearest real training image, over the "
+    lines += ["", "Reference: real train vs the class's real val + test images (n_held_out), the same features: "
+              "what a perfect generator would score at these image counts.",
+              "NN ratio: median distance of a synthetic image to its nearest real training image, over the "
               "median distance of a real image to its nearest other one (~1: new images; ~0: copies)."]
     return "\n".join(lines) + "\n"

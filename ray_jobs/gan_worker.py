@@ -89,6 +89,16 @@ def load_class_images(shard, cfg: GanConfig, class_name: str, device: torch.devi
     return images.to(device)
 
 
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak resident memory (MB) and, on a GPU, PyTorch's peak allocation (MB)."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def _maybe_inject_fault(hooks: dict, rank: int, iteration: int) -> None:
     """Test hook: kill this worker's process once (``marker`` records that it happened)."""
     if "marker" not in hooks or rank != hooks.get("kill_rank", 1) or iteration != hooks.get("kill_iteration", 1):
@@ -189,7 +199,8 @@ def train_loop_per_worker(config: dict) -> dict:
             seconds = time.perf_counter() - last
             metrics = {"iteration": done, **{k: v / since for k, v in sums.items()},
                        "iterations_per_s": since / max(seconds, 1e-9),
-                       "images_per_s": since * world * cfg.batch_size / max(seconds, 1e-9)}
+                       "images_per_s": since * world * cfg.batch_size / max(seconds, 1e-9),
+                       **peak_memory(device)}
             if rank == 0:
                 sample = write_sample_grid(step, cfg, run_uri, noise, done, autocast_dtype)
                 state = {**step.state_dict(), "iteration": done, "config": config_lib.to_dict(cfg),

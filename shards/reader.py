@@ -153,7 +153,7 @@ def ray_dataset(uri: str, split: str, *, include_synthetic: bool = True,
     if guard:
         ds = ds.map_batches(_refuse_synthetic, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                             fn_kwargs=dict(uri=uri, split=split, drop=read_columns is not columns))
-    if not include_synthetic:
+    if not include_synthetic and not guard:  # val/test hold no synthetic rows (the guard refuses them)
         ds = ds.filter(expr="synthetic == False")
     return ds
 
