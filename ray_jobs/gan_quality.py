@@ -114,15 +114,15 @@ def quality(data: str, out: str, *, extractor: str | None = None, classifier: st
     if unknown or not chosen:
         raise ConfigError(f"--classes {unknown or '(none)'}: choose among the classes with synthetic images "
                           f"{[c for c, n in synthetic.items() if n]}")
-    torch.set_grad_enabled(False)
     rows = load_class_rows(data, chosen)
     report = {"data": data, "extractor": {**module.description, "image_size": image_size},
               "pixel_size": pixel_size, "ratio": ratio, "classes": {},
               "checkpoints": manifest.provenance.get("checkpoints", {})}
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
-            result, png = class_quality(module, rows[name]["real"], rows[name]["synthetic"], rows[name]["held_out"],
-                                        image_size, pixel_size, pairs, ratio)
+            with torch.no_grad():
+                result, png = class_quality(module, rows[name]["real"], rows[name]["synthetic"], rows[name]["held_out"],
+                                            image_size, pixel_size, pairs, ratio)
             pairs_file = f"pairs_{_slug(name)}.png"
             Path(tmp, pairs_file).write_bytes(png)
             report["classes"][name] = {**result, "pairs_png": pairs_file}
