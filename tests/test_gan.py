@@ -294,3 +294,12 @@ def test_memorisation_check_flags_copies_of_training_images(bccd, extractor_file
     for real, fake in ((pixels(train, 32), pixels(test, 32)), (extract(extractor, train, 64), extract(extractor, test, 64))):
         new = neighbour_check(real, fake)
         assert new["flagged_fraction"] < 0.5 and new["median_ratio"] > 0.5   # held-out images are not copies
+
+
+def test_cli_bad_class_exits_2_before_ray(bccd, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ray_jobs.gan", "train", "--data", bccd, "--classes", "Platelet",
+                          "--image-size", "32", "--storage", str(tmp_path), "--name", "bad"],
+                         cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "'Platelet' is not a class" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "bad").exists()
