@@ -161,6 +161,10 @@ def _markdown(report: Mapping) -> str:
     lines += ["", "## Plots", "", f"![Confusion matrix]({PLOTS['confusion_matrix']})", "",
               f"![Reliability diagram]({PLOTS['reliability_diagram']})", "",
               f"![Per-class recall]({PLOTS['per_class_recall']})", ""]
+    synthetic = (report.get("extra") or {}).get("synthetic_in_training")
+    if synthetic and "per_class" in synthetic:  # a classifier trained on a GAN dataset version
+        per_class = ", ".join(f"{_cell(c)} {n}" for c, n in synthetic["per_class"].items() if n) or "none"
+        lines += ["## Training data", "", f"Synthetic (GAN) images in training: {synthetic['total']} ({per_class}).", ""]
     if report.get("extra"):
         lines += ["## Run", "", "```json", json.dumps(report["extra"], indent=2), "```", ""]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 A worker must never leave the loop alone: the others would wait in the next all-reduce for ever.
 So every per-step check ends in :func:`agree`, one tiny all-reduce of a status code, and all
-workers stop together when any of them has a reason to (a non-finite loss, a damaged shard).
+workers stop together when any of them has a reason to (a non-finite loss, a damaged shard):
+:func:`stop_if_any` raises :class:`Stop` on every worker, with the first complaining worker's message.
 Without a process group (one worker, tests) each function is the local identity.
 """
 from __future__ import annotations
@@ -54,3 +55,23 @@ def agree(status: int, device: torch.device | None = None) -> int:
 def loss_status(loss: torch.Tensor) -> int:
     """``NON_FINITE`` for a NaN/inf loss, else ``OK``."""
     return OK if bool(torch.isfinite(loss.detach()).all()) else NON_FINITE
+
+
+class Stop(Exception):
+    """Every worker agreed to stop (non-finite loss or damaged data); carries the outcome.
+
+    ``status`` is ``"non_finite"`` or ``"data_error"``; ``message`` is the first complaint.
+    """
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def stop_if_any(status: int, message: str, device: torch.device | None = None) -> None:
+    """Agree with every worker; if any had a problem, raise :class:`Stop` with the first one's message."""
+    worst = agree(status, device)
+    if worst == OK:
+        return
+    messages = [m for m in gather_objects(message if status else "") if m]
+    raise Stop("data_error" if worst == DATA_ERROR else "non_finite", messages[0])

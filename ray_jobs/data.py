@@ -250,7 +250,8 @@ def build_dataset(cfg: "TrainConfig", manifest: "Manifest", split: str, spec: In
                          columns=read_columns(manifest, "image", "label", "source", "synthetic"),
                          shuffle=stream_shuffle,
                          include_paths=True)
-        extra = dict(rates=sampling_rates(manifest.class_counts(split), cfg.data.sampling),
+        counts = manifest.class_counts(split, include_synthetic=cfg.data.include_synthetic)
+        extra = dict(rates=sampling_rates(counts, cfg.data.sampling),
                      seed=seed, shuffle=True)
     else:
         ds = ray_dataset(cfg.data.uri, split, columns=read_columns(manifest, "image", "label", "source"),

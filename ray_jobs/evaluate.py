@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 import torch
 
-from medbalance.errors import ConfigError
+from medbalance.errors import ConfigError, MedbalanceError
 from ray_jobs.checkpoint import load_checkpoint
 from ray_jobs.cli import add_verbose_flag, run_main
 from shards import storage
@@ -43,6 +43,23 @@ def copy_dir(local_dir: str, out_uri: str) -> None:
     for name in sorted(os.listdir(local_dir)):
         with open(os.path.join(local_dir, name), "rb") as f:
             storage.write_bytes_atomic(fs, f"{root}/{name}", f.read(), storage.join(out_uri, name))
+
+
+def synthetic_in_training(state: dict) -> dict:
+    """How many synthetic (GAN) images of each class the checkpoint's training run saw, from the
+    manifest of the dataset it trained on: ``{"per_class": {...}, "total": N}`` (zeros when
+    ``data.include_synthetic`` was off), or ``{"unknown": reason}`` if that manifest is unreadable."""
+    from shards import read_manifest
+
+    data_cfg = state["config"].get("data", {})
+    try:
+        manifest = read_manifest(data_cfg["uri"])
+    except (KeyError, MedbalanceError) as exc:
+        return {"unknown": f"the training data's manifest cannot be read ({exc})"}
+    counts = manifest.synthetic_class_counts("train")
+    if not data_cfg.get("include_synthetic", True):
+        counts = [0] * len(counts)
+    return {"data": data_cfg["uri"], "per_class": dict(zip(manifest.class_names, counts)), "total": sum(counts)}
 
 
 def evaluate(checkpoint: str, data: str, split: str, out: str, *, calibrate: bool = False,
@@ -81,7 +98,8 @@ def evaluate(checkpoint: str, data: str, split: str, out: str, *, calibrate: boo
         calibration = calibration_summary(logits, targets, temperature)
         probs = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
     title = f"{state['config']['model']} + {state['config']['loss']} on {split}"
-    extra = {"checkpoint": checkpoint, "data": data, "split": split, "epoch": state.get("epoch")}
+    extra = {"checkpoint": checkpoint, "data": data, "split": split, "epoch": state.get("epoch"),
+             "synthetic_in_training": synthetic_in_training(state)}
     with tempfile.TemporaryDirectory() as tmp:
         report = write_report(tmp, probs, targets, manifest.class_names, title=title, extra=extra,
                               calibration=calibration)
@@ -108,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(args.checkpoint, args.data, args.split, args.out, calibrate=args.calibrate,
                       num_actors=args.num_actors, use_gpu=args.gpu)
     print(format_table(report))
+    synthetic = report["extra"]["synthetic_in_training"]
+    print("synthetic images in training: " + (str(synthetic["unknown"]) if "unknown" in synthetic else
+          f"{synthetic['total']} ({', '.join(f'{c}: {n}' for c, n in synthetic['per_class'].items() if n) or 'none'})"))
     print(f"report: {storage.join(args.out, 'report.json')} (Markdown: report.md; plots: "
           "confusion_matrix.png, reliability_diagram.png, per_class_recall.png)")
     return 0

@@ -205,6 +205,45 @@ def run_as_task(fn, *args, **kwargs):
     raise error
 
 
+def run_as_tasks(fn, calls: list[tuple], max_concurrent: int) -> list:
+    """:func:`run_as_task` for several calls of ``fn``, at most ``max_concurrent`` at a time.
+
+    Each call (a tuple of positional arguments) runs as its own zero-CPU task; a new one starts
+    when one ends. Returns the results in the order of ``calls``. The first project error raised
+    by any call cancels the others and is raised here, as are Ctrl-C and SIGTERM.
+    """
+    import ray
+
+    from medbalance.errors import MedbalanceError
+
+    init_ray()
+    task = ray.remote(num_cpus=0, max_retries=0)(_call_quietly).options(name=fn.__name__)
+    results: list = [None] * len(calls)
+    running: dict = {}
+    queue = list(enumerate(calls))
+    error = None
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, max_concurrent):
+                index, args = queue.pop(0)
+                running[task.remote(_VERBOSE, fn, *args)] = index
+            done, _ = ray.wait(list(running), num_returns=1)
+            index = running.pop(done[0])
+            try:
+                results[index] = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.cause, MedbalanceError):
+                    raise
+                error = type(exc.cause)(*exc.cause.args)
+                break
+    finally:
+        for ref in running:  # after an error, Ctrl-C or SIGTERM: the others stop too
+            ray.cancel(ref, force=True)
+    if error is not None:
+        raise error
+    return results
+
+
 def _call_quietly(verbose: bool, fn, *args, **kwargs):
     """Inside the task of :func:`run_as_task`: the driver's Ray Data settings, then ``fn``."""
     quiet_ray_data(verbose)

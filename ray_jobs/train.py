@@ -86,21 +86,8 @@ def _maybe_inject_fault(hooks: dict, rank: int, epoch: int) -> None:
         os._exit(1)
 
 
-class _Stop(Exception):
-    """Every worker agreed to stop (non-finite loss or damaged data); carries the outcome."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def _stop_if_any(status: int, message: str, device) -> None:
-    """Agree with every worker; if any had a problem, raise _Stop with the first one's message."""
-    worst = collectives.agree(status, device)
-    if worst == collectives.OK:
-        return
-    messages = [m for m in collectives.gather_objects(message if status else "") if m]
-    raise _Stop("data_error" if worst == collectives.DATA_ERROR else "non_finite", messages[0])
+# Shared with the GAN job's workers: stop every worker together (ray_jobs.collectives).
+_Stop, _stop_if_any = collectives.Stop, collectives.stop_if_any
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -290,7 +277,9 @@ def prepare_run(cfg: TrainConfig, resume: str = "auto"):
 
     cfg.cpus_per_worker = plan_cpus(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
     loop_config = config_lib.to_dict(cfg)
-    loop_config.update(class_names=manifest.class_names, class_counts=manifest.class_counts("train"),
+    # Synthetic rows (a dataset version made by ray_jobs.gan synthesize) count when they are trained on.
+    loop_config.update(class_names=manifest.class_names,
+                       class_counts=manifest.class_counts("train", include_synthetic=cfg.data.include_synthetic),
                        input_spec=spec.to_dict(), resume_from=run.latest_checkpoint() if existing else None)
     failure = None
     try:

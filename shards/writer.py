@@ -12,6 +12,7 @@ lost machine) before it could clean up. :func:`unlisted_shard_dirs` finds them; 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import logging
@@ -39,7 +40,7 @@ def unlisted_shard_dirs(fs: pafs.FileSystem, root: str, manifest: Manifest | Non
         entries = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
     except OSError:
         return []
-    listed = {s.path.split("/", 1)[0] for s in manifest.shards} if manifest else set()
+    listed = {s.path.split("/", 1)[0] for s in manifest.shards if not s.dataset} if manifest else set()
     return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
                   and e.base_name.startswith(SHARD_DIR_PREFIX) and e.base_name not in listed)
 
@@ -71,6 +72,8 @@ class ShardWriter:
         self.run_dir = f"{SHARD_DIR_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
         self.shards: list[ShardInfo] = []
         self.counts = {s: {c: 0 for c in self.class_names} for s in SPLITS}
+        self.synthetic_counts = {c: 0 for c in self.class_names}  # train only
+        self._synthetic_in_buffer = {s: 0 for s in SPLITS}
         self._buffers: dict[str, list[dict]] = {s: [] for s in SPLITS}
         self._buffer_bytes = {s: 0 for s in SPLITS}
         self._next_index = {s: 0 for s in SPLITS}
@@ -89,8 +92,14 @@ class ShardWriter:
         return Manifest.from_json(text, where=storage.join(self.output, MANIFEST_NAME))
 
     def add(self, row: dict) -> None:
-        """Add one row (keys as :data:`shards.schema.SCHEMA`)."""
+        """Add one row (keys as :data:`shards.schema.SCHEMA`). Synthetic rows may only be train."""
         split = row["split"]
+        if row.get("synthetic"):
+            if split != "train":
+                raise DataError(f"row {row.get('source')!r}: a synthetic image cannot go to split {split!r}; "
+                                "synthetic images may only be in train (val and test stay real)")
+            self.synthetic_counts[self.class_names[row["label"]]] += 1
+            self._synthetic_in_buffer[split] += 1
         self._buffers[split].append(row)
         self._buffer_bytes[split] += len(row["image"])
         self.counts[split][self.class_names[row["label"]]] += 1
@@ -113,34 +122,62 @@ class ShardWriter:
         rel = f"{self.run_dir}/{split}-{self._next_index[split]:05d}.parquet"
         storage.write_bytes_atomic(self.fs, f"{self.root}/{rel}", data, storage.join(self.output, rel))
         self.shards.append(ShardInfo(path=rel, split=split, rows=len(rows), bytes=len(data),
-                                     sha256=sha256_hex(data)))
+                                     sha256=sha256_hex(data), synthetic_rows=self._synthetic_in_buffer[split]))
         self._next_index[split] += 1
         self._buffers[split] = []
         self._buffer_bytes[split] = 0
+        self._synthetic_in_buffer[split] = 0
 
-    def publish(self, provenance: dict, intensity: dict | None = None,
-                pixel_stats: dict | None = None) -> Manifest:
+    def publish(self, provenance: dict, intensity: dict | None = None, pixel_stats: dict | None = None,
+                include: tuple[str, Manifest, str] | None = None) -> Manifest:
         """Flush what is buffered, write the manifest (atomically), drop a replaced dataset.
 
         Args:
-            provenance: how the dataset was made.
-            intensity, pixel_stats: see ``shards.schema``.
+            provenance: recorded in the manifest.
+            intensity, pixel_stats: see ``shards.schema``; for a dataset version they are the
+                included dataset's (its images decide the window and the normalisation).
+            include: ``(uri, manifest, manifest_sha256)`` of a dataset whose shards the new
+                manifest includes BY REFERENCE (a dataset version, format 2): they stay where they
+                are, untouched; its counts are added to this writer's.
         """
         for split in SPLITS:
             self._flush(split)
+        counts = {s: dict(c) for s, c in self.counts.items()}
+        synthetic = {"train": dict(self.synthetic_counts)}
+        shards, references = list(self.shards), []
+        if include is not None:
+            base_uri, base, base_sha = include
+            if base.class_names != self.class_names:
+                raise DataError(f"{base_uri} has classes {base.class_names}, not {self.class_names}")
+            shards = [dataclasses.replace(s, dataset=s.dataset or base_uri) for s in base.shards] + shards
+            for split, per in base.counts.items():
+                for name, n in per.items():
+                    counts.setdefault(split, {c: 0 for c in self.class_names})[name] += int(n)
+            for name, n in base.synthetic_counts.get("train", {}).items():
+                synthetic["train"][name] += int(n)
+            references = [{"uri": base_uri, "manifest_sha256": base_sha}] + list(base.references)
+            intensity, pixel_stats = base.intensity, base.pixel_stats
+            # readers ask only for the optional columns every shard holds (this writer's hold all)
+            extra_columns = [c for c in EXTRA_COLUMNS if c in base.extra_columns]
+        else:
+            extra_columns = list(EXTRA_COLUMNS)
         manifest = Manifest(
             class_names=self.class_names,
-            counts={s: c for s, c in self.counts.items() if sum(c.values()) > 0},
-            shards=self.shards,
+            counts={s: c for s, c in counts.items() if sum(c.values()) > 0},
+            shards=shards,
             provenance=provenance,
             intensity=intensity,
             pixel_stats=pixel_stats,
-            extra_columns=list(EXTRA_COLUMNS),
+            extra_columns=extra_columns,
+            synthetic_counts={s: c for s, c in synthetic.items() if sum(c.values()) > 0},
+            references=references,
         )
         storage.write_bytes_atomic(self.fs, f"{self.root}/{MANIFEST_NAME}",
                                    manifest.to_json().encode("utf-8"),
                                    storage.join(self.output, MANIFEST_NAME))
-        old_dirs = {s.path.split("/", 1)[0] for s in self.previous.shards} if self.previous else set()
+        # Only this dataset's own shard folders: shards it included by reference are never removed.
+        old_dirs = ({s.path.split("/", 1)[0] for s in self.previous.shards if not s.dataset}
+                    if self.previous else set())
         if self.remove_unlisted:
             old_dirs |= set(self.unlisted)
         for old_dir in sorted(old_dirs):
