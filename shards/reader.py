@@ -202,10 +202,10 @@ class ShardDataset(torch.utils.data.Dataset):
         self.images = table["image"].to_pylist()
         self.labels = np.asarray(table["label"].to_numpy(), dtype=np.int64)
         self.sources = table["source"].to_pylist()
-from shards.image import decode_image, read_pixels, sha256_hex, to_chw
-from shards.schema import MANIFEST_NAME, SCHEMA, Manifest
-from shards.image import decode_image, sha256_hex
-from shards.schema import MANIFEST_NAME, SCHEMA, Manifest, ShardInfo
+        self.pixel_maps = (table["pixel_map"].to_pylist() if "pixel_map" in table.column_names
+                           else [None] * len(self.labels))
+        self.window, self.as_float = self.manifest.window, self.manifest.windowed
+        self.synthetic = np.asarray(table["synthetic"].to_pylist(), dtype=bool)  # GAN rows
 
     def __len__(self) -> int:
         return len(self.labels)
