@@ -61,18 +61,31 @@ def report(metrics: dict, state: dict | None = None, files: dict[str, str] | Non
 
 
 def restore_state(resume_from: str | None, map_location) -> dict | None:
-    """The state a worker starts from: Ray's checkpoint (after a worker failure, or a run Ray
-    restored), else the checkpoint at ``resume_from`` (an interrupted earlier run), else None."""
+    """The state a worker starts from: the newer of Ray's checkpoint (after a worker failure, or a
+    run Ray restored) and the one at ``resume_from`` (the newest complete checkpoint folder the
+    driver found), else None.
+
+    Both can exist and disagree after a killed driver: Ray Train restores its checkpoint manager's
+    snapshot, which lists only the checkpoints the dead controller had registered, while the workers
+    may have written newer ones before they were stopped. Ray names checkpoint folders
+    ``checkpoint_<date and time>``, so the later name is the newer checkpoint.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint and not (resume_from and _is_newer(resume_from, checkpoint.path)):
         with checkpoint.as_directory() as ckpt_dir:
             return torch.load(os.path.join(ckpt_dir, CHECKPOINT_FILE), map_location=map_location,
                               weights_only=True)
     if resume_from:
         return load_checkpoint(resume_from, map_location=map_location, required=())
     return None
+
+
+def _is_newer(uri: str, path: str) -> bool:
+    """Whether checkpoint folder ``uri`` was written after ``path`` (both named by Ray Train)."""
+    a, b = uri.rstrip("/").rsplit("/", 1)[-1], path.rstrip("/").rsplit("/", 1)[-1]
+    return a.startswith("checkpoint_") and b.startswith("checkpoint_") and a > b
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu",
