@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
-from conftest import REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_group
+from conftest import PLANTED_KEY, PLANTED_SECRET, REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -54,7 +55,10 @@ def cluster(tmp_path_factory):
     temp_dir = Path(tempfile.mkdtemp(prefix="mb2n-", dir="/tmp"))  # short: socket paths are length-limited
     # Every Ray process of this cluster knows its own address: with another Ray instance on the
     # machine (the session cluster), Ray Train's internal actors would otherwise not know which.
+    # The planted identity: its secret is made for this session and written in no file, so the
+    # last test can grep everything the cluster wrote for it.
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}, **s3.env(),
+           "AWS_ACCESS_KEY_ID": PLANTED_KEY, "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET,
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ADDRESS": address,
            "RAY_USAGE_STATS_ENABLED": "0"}
     system_config = json.dumps({"idle_worker_killing_time_threshold_ms": 60000})
@@ -80,7 +84,7 @@ def cluster(tmp_path_factory):
         dashboard_url = f"http://127.0.0.1:{dashboard}"
         _wait_for(lambda: _accepts_jobs(env, dashboard_url), head, "the job API")
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "token": token,
-               "s3": s3, "logs": logs}
+               "s3": s3, "logs": logs, "temp_dir": temp_dir}
     finally:
         for proc in reversed(procs):
             stop_process_group(proc, timeout=60)
@@ -113,10 +117,14 @@ def _wait_for(check, proc, what: str, timeout: float = 180) -> None:
 
 
 def submit(cluster: dict, *job: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`ray job submit` of a medbalance job, as cluster/README.md shows (token from the environment)."""
+    """`ray job submit` of a medbalance job, as cluster/README.md shows (token from the environment).
+    Its output is kept in the cluster's log folder for the final secret grep."""
     cmd = [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(RUNTIME_ENV), "--", sys.executable, "-m", *job]
-    return run_ray_job_submit(cmd, env=env or cluster["env"], timeout=timeout)
+    out = run_ray_job_submit(cmd, env=env or cluster["env"], timeout=timeout)
+    with open(cluster["logs"] / "submit-outputs.log", "a") as f:
+        f.write(out.stdout + out.stderr)
+    return out
 
 
 def prepare(cluster: dict, npz: Path, bucket: str) -> str:
@@ -186,12 +194,42 @@ def test_sweep_on_the_two_node_cluster(cluster, tiny_npz):
     out = submit(cluster, "ray_jobs.sweep", "--config", "configs/sweep-cws.yaml", "--data", data, "--trials", "2",
                  "--epochs", "1", "--image-size", "28", "--num-workers", "1", "--storage", f"{bucket}/sweeps",
                  "--name", "sw", "--set", "base.model=resnet18", "--set", "base.data.augment=none",
-                 "--set", "base.data.batch_size=16")
+                 "--set", "base.data.batch_size=16", "--set", "scheduler.grace_period=1")
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     with s3.fs.open_input_stream(f"{bucket[5:]}/sweeps/sw/trials.csv") as f:
         rows = f.read().decode().strip().splitlines()
     assert len(rows) == 3, rows  # header + 2 trials
     assert s3.fs.get_file_info(f"{bucket[5:]}/sweeps/sw/best_config.yaml").size > 0
+
+
+def test_gan_on_the_two_node_cluster(cluster, tiny_npz):
+    """GCGAN (2 DDP workers, 4 iterations) and a synthesized dataset version, all on S3, through
+    `ray job submit`; the version passes --verify and holds the real shards by reference."""
+    s3 = cluster["s3"]
+    bucket = s3.bucket()
+    data = prepare(cluster, tiny_npz, bucket)
+    gan = f"{bucket}/gan"
+    out = submit(cluster, "ray_jobs.gan", "train", "--data", data, "--classes", "4", "--image-size", "32",
+                 "--iterations", "4", "--batch-size", "2", "--num-workers", "2", "--checkpoint-every", "2",
+                 "--storage", gan, "--name", "g", "--set", "ngf=8", "--set", "ndf=8", "--set", "num_samples=4",
+                 "--set", "cpus_per_worker=0.5")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    result = read_json(s3, f"{gan}/g/result.json")
+    assert result["classes"] == ["4"] and result["checkpoint"]["4"].startswith(f"{gan}/g/4/checkpoint_"), result
+    assert result["runs"]["4"]["iterations"] == 4
+    grids = s3.fs.get_file_info(pafs.FileSelector(f"{gan[5:]}/g/4/samples"))
+    assert len([g for g in grids if g.base_name.endswith(".png")]) >= 2
+
+    version = f"{bucket}/data-gan"
+    out = submit(cluster, "ray_jobs.gan", "synthesize", "--checkpoint", f"{gan}/g", "--output", version,
+                 "--per-class", "3")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    manifest = read_json(s3, f"{version}/manifest.json")
+    assert manifest["format_version"] == 2 and manifest["synthetic_counts"] == {"train": {"4": 3}}
+    assert {s["dataset"] for s in manifest["shards"] if s.get("dataset")} == {data}
+    verified = subprocess.run([sys.executable, "-m", "ray_jobs.prepare", "--verify", version], cwd=REPO,
+                              env=cluster["env"], capture_output=True, text=True, timeout=300)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_s3_server_restarted_mid_training(cluster, tiny_npz):
@@ -208,7 +246,6 @@ def test_s3_server_restarted_mid_training(cluster, tiny_npz):
         deadline = time.time() + 600
         while time.time() < deadline:
             try:
-                import pyarrow.fs as pafs
                 infos = s3.fs.get_file_info(pafs.FileSelector(f"{bucket[5:]}/runs/restart", allow_not_found=True))
                 if any(i.base_name.startswith("checkpoint_") for i in infos):
                     began = time.monotonic()
@@ -254,3 +291,30 @@ def test_storage_misconfiguration_fails_fast_and_clearly(cluster, tiny_npz, faul
     assert expected in out.stderr and "Traceback" not in out.stderr
     assert "not-the-secret" not in out.stdout + out.stderr
     assert seconds < 30, f"{fault}: {seconds:.1f} s to fail"
+
+
+def test_the_secret_key_is_nowhere_the_cluster_wrote(cluster):
+    """Last in this file: after every job above, the S3 secret is in no Ray log or session file of
+    either node, no job output, and no object on the S3 server (checkpoints, configs, results)."""
+    secret = PLANTED_SECRET.encode()
+    assert cluster["env"]["AWS_SECRET_ACCESS_KEY"] == PLANTED_SECRET
+    found = [str(p) for root in (cluster["temp_dir"], cluster["logs"]) for p in Path(root).rglob("*")
+             if p.is_file() and not p.is_symlink() and secret in _read(p)]
+    s3 = cluster["s3"]
+    objects = 0
+    for bucket in s3.fs.get_file_info(pafs.FileSelector("")):
+        for info in s3.fs.get_file_info(pafs.FileSelector(bucket.path, recursive=True)):
+            if info.type == pafs.FileType.File:
+                objects += 1
+                with s3.fs.open_input_stream(info.path) as f:
+                    if secret in f.read():
+                        found.append(f"s3://{info.path}")
+    assert objects > 20 and (cluster["logs"] / "submit-outputs.log").stat().st_size > 0
+    assert not found, found
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # a socket or a file removed while listing
+        return b""

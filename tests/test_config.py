@@ -88,9 +88,10 @@ def test_yaml_values_are_checked_and_name_their_file(tmp_path):
 def test_every_preset_and_the_defaults_are_accepted():
     assert config_lib.from_dict(TrainConfig, {}) == TrainConfig()
     from ray_jobs.config import CompareConfig, SweepConfig
+    from ray_jobs.gan_config import GanConfig
     from ray_jobs.search_space import parse_space
 
-    kinds = {"sweep-": SweepConfig, "compare-": CompareConfig}
+    kinds = {"sweep-": SweepConfig, "compare-": CompareConfig, "gcgan": GanConfig}
     for path in sorted(CONFIGS.glob("*.yaml")):
         cls = next((c for prefix, c in kinds.items() if path.name.startswith(prefix)), TrainConfig)
         overrides = ["pretrained=scratch"] if path.name == "adsr_paper.yaml" else []
