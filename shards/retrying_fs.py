@@ -79,8 +79,12 @@ class RetryingS3(pafs.FileSystemHandler):
     @property
     def inner(self) -> pafs.S3FileSystem:
         if self._inner is None:
+            # background_writes=False: an upload runs in the calling thread. pyarrow's copy_files (Ray
+            # Train and Tune sync folders with it) calls this handler from its I/O thread pool; background
+            # writes would queue the upload on that same pool and wait for it, and with every pool
+            # thread waiting so, nothing runs (a Tune experiment-state sync hung that way).
             kwargs = dict(region=self.region, connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
-                          retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+                          retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), background_writes=False)
             if self.endpoint:
                 kwargs.update(endpoint_override=self.endpoint, scheme=self.scheme)
             self._inner = pafs.S3FileSystem(**kwargs)
