@@ -16,7 +16,9 @@ def plan_cpus(num_workers: int, use_gpu: bool, cpus_per_worker: float | None = N
     """CPUs per training worker, leaving about ``data_fraction`` of the cluster to Ray Data.
 
     Each of ``num_workers`` gets ``(cluster CPUs - reserve) / num_workers``, reserve =
-    ``max(1, data_fraction * cluster CPUs)``. On 2 CPUs with 2 workers: 0.5 each, 1 for data.
+    ``max(1, data_fraction * cluster CPUs)``, rounded down to whole CPUs when it is one or more
+    (:func:`whole_cpus`). On 2 CPUs with 2 workers: 0.5 each, 1 for data; on two nodes of 2 CPUs
+    with 2 workers: 1 each (not 1.5), so each node keeps a whole CPU for the data tasks.
     GPU workers get at most 8 CPUs each (they feed a GPU; the rest serve the data pipeline).
 
     Args:
@@ -36,7 +38,17 @@ def plan_cpus(num_workers: int, use_gpu: bool, cpus_per_worker: float | None = N
             f"the cluster has {total_cpus:g} CPUs: too few for {num_workers} training workers plus "
             f"the data pipeline ({reserve:g} CPUs); use fewer --num-workers or a bigger cluster"
         )
-    return round(min(per_worker, 8.0 if use_gpu else per_worker), 2)
+    return round(min(whole_cpus(per_worker), 8.0 if use_gpu else per_worker), 2)
+
+
+def whole_cpus(share: float) -> float:
+    """A share of one CPU or more, rounded down to whole CPUs (a smaller share is kept as it is).
+
+    Ray Data's tasks each need one whole CPU on one node. On a cluster of several nodes, fractional
+    shares leave every node a fraction of a CPU free: 4 CPUs on two nodes shared as 1.5 + 1.5 leave
+    0.5 + 0.5, where no data task fits, and training waits for data for ever.
+    """
+    return float(math.floor(share)) if share >= 1.0 else share
 
 
 # The trial driver of a sweep (a Tune function trainable that fits a TorchTrainer) mostly waits on
@@ -53,7 +65,8 @@ def plan_trials(num_workers: int, use_gpu: bool, trials: int, max_concurrent: in
     are shared by the concurrent trials, each needing ``num_workers`` workers plus its driver
     (:data:`TRIAL_DRIVER_CPUS`). Without ``max_concurrent``, as many trials as fit with 1 CPU per
     worker (at least 1, at most ``trials``; GPU trials also at most GPUs // num_workers); without
-    ``cpus_per_worker``, each worker gets an equal share of the rest (GPU workers at most 8).
+    ``cpus_per_worker``, each trial gets an equal share of the rest, rounded down to whole CPUs
+    (:func:`whole_cpus`), split over its driver and workers (GPU workers at most 8).
 
     Raises:
         ConfigError: when one trial does not fit next to the data reserve.
@@ -74,8 +87,8 @@ def plan_trials(num_workers: int, use_gpu: bool, trials: int, max_concurrent: in
     concurrent = max(1, min(concurrent, trials))
     if use_gpu:
         concurrent = min(concurrent, int(total_gpus // num_workers))
-    if cpus_per_worker is None:
-        cpus_per_worker = math.floor((budget / concurrent - TRIAL_DRIVER_CPUS) / num_workers * 100) / 100
+    if cpus_per_worker is None:  # each trial's footprint (driver + workers) in whole CPUs: see whole_cpus
+        cpus_per_worker = math.floor((whole_cpus(budget / concurrent) - TRIAL_DRIVER_CPUS) / num_workers * 100) / 100
         cpus_per_worker = min(cpus_per_worker, 8.0) if use_gpu else cpus_per_worker
     need = concurrent * (num_workers * cpus_per_worker + TRIAL_DRIVER_CPUS)
     if cpus_per_worker < 0.1 or need > budget + 1e-6:

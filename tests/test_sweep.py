@@ -26,7 +26,7 @@ from medbalance.errors import ConfigError
 from metrics.comparison import paired_difference, summarize, to_markdown
 from ray_jobs import config as config_lib
 from ray_jobs.config import SweepConfig, TrainConfig
-from ray_jobs.resources import TRIAL_DRIVER_CPUS, plan_trials
+from ray_jobs.resources import TRIAL_DRIVER_CPUS, plan_cpus, plan_trials
 from ray_jobs.search_space import parse_space
 from shards import ingest
 
@@ -129,6 +129,10 @@ def test_plan_trials_leaves_cpus_to_data():
     concurrent, cpus = plan_trials(2, False, 8, total_cpus=16, total_gpus=0)
     assert concurrent == 5 and concurrent * (2 * cpus + TRIAL_DRIVER_CPUS) <= 12 + 1e-6
     assert plan_trials(1, False, 3, total_cpus=16, total_gpus=0)[0] == 3          # no more than trials
+    # two nodes of 2 CPUs: 1.45 CPUs per worker would leave 0.5 free on each node, where no 1-CPU
+    # data task fits (the two-node sweep hung so); whole-CPU footprints leave a CPU on each
+    assert plan_trials(1, False, 2, total_cpus=4, total_gpus=0) == (2, round(1 - TRIAL_DRIVER_CPUS, 2))
+    assert plan_cpus(2, False, total_cpus=4) == 1.0 and plan_cpus(2, False, total_cpus=2) == 0.5
     assert plan_trials(2, True, 8, total_cpus=32, total_gpus=4)[0] == 2           # 2 GPUs per trial
     with pytest.raises(ConfigError, match="too few"):
         plan_trials(2, False, 8, max_concurrent=8, total_cpus=2, total_gpus=0)
