@@ -20,6 +20,8 @@ Multi-page TIFF (and multi-frame DICOM) is refused unless ``--frames`` names the
 """
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import hashlib
 import io
@@ -86,7 +88,10 @@ def _decode_failure(where: str, exc: Exception) -> DataError:
     if isinstance(exc, Image.DecompressionBombError):
         return DataError(f"{where}: refused as a possible decompression bomb ({exc}); if it is a real "
                          "image, downscale it before ingest")
-    return DataError(f"{where}: cannot decode image ({exc})")
+    # PIL names the in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>"),
+    # which says nothing to a user: the file or row is named by ``where``.
+    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+    return DataError(f"{where}: cannot decode image ({reason})")
 
 
 def _open(data: bytes, where: str, frames: str | None) -> tuple[np.ndarray, bool, str, int, int]:
