@@ -20,11 +20,10 @@ Multi-page TIFF (and multi-frame DICOM) is refused unless ``--frames`` names the
 """
 from __future__ import annotations
 
-import re
-
 import dataclasses
 import hashlib
 import io
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
