@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import PLANTED_KEY, PLANTED_SECRET, REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_group
+from conftest import PLANTED_KEY, PLANTED_SECRET, RAY_NODE_STOP_S, REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -87,7 +87,7 @@ def cluster(tmp_path_factory):
                "s3": s3, "logs": logs, "temp_dir": temp_dir}
     finally:
         for proc in reversed(procs):
-            stop_process_group(proc, timeout=60)
+            stop_process_group(proc, timeout=RAY_NODE_STOP_S)
         s3.stop()
         import shutil
         shutil.rmtree(temp_dir, ignore_errors=True)
