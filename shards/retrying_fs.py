@@ -169,7 +169,8 @@ class _BufferedUpload:
         return self.spool.write(data)
 
     def flush(self) -> None:
-        pass
+        """Flush the local spool. Nothing reaches S3 before ``close``: the object is uploaded whole."""
+        self.spool.flush()
 
     def writable(self) -> bool:
         return True
