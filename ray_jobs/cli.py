@@ -55,3 +55,14 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except Terminated:
         print("terminated (SIGTERM)", file=sys.stderr)
         return 143
+
+
+def add_run_flags(p) -> None:
+    """The flags of a job that trains into a run folder: --gpu, --storage, --name, --resume | --fresh, -v."""
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, AMP)")
+    p.add_argument("--storage", help="where runs go: local path or s3://bucket/prefix")
+    p.add_argument("--name", help="run name; a rerun with the same name resumes")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="require results to resume")
+    group.add_argument("--fresh", action="store_true", help="refuse a name that has results")
+    add_verbose_flag(p)

@@ -22,7 +22,7 @@ import json
 import sys
 
 from ray_jobs import config as config_lib
-from ray_jobs.cli import add_verbose_flag, run_main
+from ray_jobs.cli import add_run_flags, add_verbose_flag, run_main
 from ray_jobs.gan_config import GanConfig
 from ray_jobs.run_dir import RESULT_FILE
 from shards import storage
@@ -45,13 +45,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints and sample grids")
     p.add_argument("--lpips-weights", help="torchvision vgg16 state-dict file: LPIPS-VGG reconstruction loss "
                                            "(default: L1)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, AMP)")
-    p.add_argument("--storage", help="where runs go: local path or s3://bucket/prefix")
-    p.add_argument("--name", help="run name; a rerun with the same name resumes")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="require results to resume")
-    group.add_argument("--fresh", action="store_true", help="refuse a name that has results")
-    add_verbose_flag(p)
+    add_run_flags(p)
 
 
 def _synthesize_parser(sub) -> None:

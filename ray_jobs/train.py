@@ -36,7 +36,7 @@ from ray_jobs import collectives
 from ray_jobs import config as config_lib
 from ray_jobs.amp import amp_dtype, grad_scaler
 from ray_jobs.checkpoint import report, restore_state
-from ray_jobs.cli import add_verbose_flag, run_main
+from ray_jobs.cli import add_run_flags, run_main
 from ray_jobs.config import DataSection, OptimSection, TrainConfig  # noqa: F401  (the job's config)
 from ray_jobs.data import InputSpec, build_dataset, build_datasets, input_spec, normalize  # noqa: F401
 from ray_jobs.data_errors import data_error_message
@@ -382,13 +382,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per worker (data.batch_size)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, AMP)")
-    p.add_argument("--storage", help="where runs go: local path or s3://bucket/prefix")
-    p.add_argument("--name", help="run name; a rerun with the same name resumes")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="require results to resume")
-    group.add_argument("--fresh", action="store_true", help="refuse a name that has results")
-    add_verbose_flag(p)
+    add_run_flags(p)
     return p
 
 
