@@ -26,7 +26,6 @@ peak memory is ``torch.cuda.max_memory_allocated``; on CPU the process's peak RS
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 import tempfile

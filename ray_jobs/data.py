@@ -30,6 +30,10 @@ order is randomised in :func:`build_dataset`.
 
 ``build_dataset(cfg, manifest, split)`` puts it together: the pipeline of one split that a training
 run reads (the classifier job and the sweep's trials build theirs with it).
+
+torch and torchvision are imported inside the functions that use them: Ray Data's coordinator
+actors (a run's ``SplitCoordinator`` and ``DatasetManager``) unpickle the pipeline, so they import
+this module but never call those functions, and importing torch costs each of them ~2 s of CPU.
 """
 from __future__ import annotations
 
@@ -39,13 +43,14 @@ import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchvision.transforms import v2
 
 from medbalance.errors import ConfigError
 from shards.reader import decode_to_chw
 
 if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
+
     from ray_jobs.config import TrainConfig
     from shards.schema import Manifest
 
@@ -114,6 +119,8 @@ def input_spec(cfg: "TrainConfig", manifest: "Manifest") -> InputSpec:
 
 def build_transform(preset: str, image_size: int, train: bool) -> v2.Transform:
     """C x H x W tensor -> C x S x S tensor (uint8, or float in [0, 1]; C = 1 or 3)."""
+    from torchvision.transforms import v2
+
     if preset not in AUGMENT_PRESETS:
         raise ConfigError(f"unknown augment preset {preset!r}; use one of {AUGMENT_PRESETS}")
     size = (image_size, image_size)
@@ -168,6 +175,8 @@ def preprocess_batch(batch: dict, *, image_size: int, augment: str, train: bool,
         ``image`` M x C x S x S (uint8, or int16 for ``spec.depth == 16``), ``label`` int64 M
         (M = N unless re-sampled).
     """
+    import torch
+
     spec = spec or InputSpec()
     images, labels, sources = batch["image"], np.asarray(batch["label"], dtype=np.int64), batch["source"]
     paths = batch.get("path")  # the shard file of each row, where the reader included it
@@ -210,6 +219,8 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
         images: B x C x H x W: uint8 (``u = x / 255``) or int16 (16-bit, ``u = (x + 32768) / 65535``).
         mean, std: per channel (length C), e.g. ``InputSpec.mean``.
     """
+    import torch
+
     channels = images.shape[1]
     mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, channels, 1, 1)
     std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, channels, 1, 1)

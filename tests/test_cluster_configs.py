@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import re
 import zipfile
-from pathlib import Path
 
 import pytest
 import yaml

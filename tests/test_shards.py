@@ -201,7 +201,7 @@ def write_csv(path: Path, rows: list[str]) -> Path:
 
 
 def test_csv_round_trip_with_splits(tmp_path):
-    src = make_folder(tmp_path / "in", {"a": 4, "b": 4})
+    make_folder(tmp_path / "in", {"a": 4, "b": 4})
     csv = tmp_path / "in" / "list.csv"
     csv.write_text("path,label,split\n" + "\n".join(
         f"{c}/{i}.png,{c},{'train' if i < 2 else 'val' if i == 2 else 'test'}"
