@@ -67,16 +67,28 @@ RAY_NODE_STOP_S = 5.0
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     """SIGTERM the process group we started, then SIGKILL if it does not go."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+    stop_process_groups([proc], timeout)
+
+
+def stop_process_groups(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM the process groups we started, all at once; SIGKILL those still there after
+    ``timeout`` seconds (one grace period for all of them, not one each)."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
 
 
 # ----------------------------------------------------------------------------- S3 (SeaweedFS)

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import PLANTED_KEY, PLANTED_SECRET, RAY_NODE_STOP_S, REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_group
+from conftest import PLANTED_KEY, PLANTED_SECRET, RAY_NODE_STOP_S, REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_groups
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -86,8 +86,7 @@ def cluster(tmp_path_factory):
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "token": token,
                "s3": s3, "logs": logs, "temp_dir": temp_dir}
     finally:
-        for proc in reversed(procs):
-            stop_process_group(proc, timeout=RAY_NODE_STOP_S)
+        stop_process_groups(procs, timeout=RAY_NODE_STOP_S)
         s3.stop()
         import shutil
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -127,9 +126,12 @@ def submit(cluster: dict, *job: str, env: dict | None = None, timeout: float = 9
     return out
 
 
-def prepare(cluster: dict, npz: Path, bucket: str) -> str:
-    data = f"{bucket}/data"
-    out = subprocess.run([sys.executable, "-m", "ray_jobs.prepare", "--input", str(npz), "--output", data,
+@pytest.fixture(scope="module")
+def data(cluster, tiny_npz) -> str:
+    """The tests' dataset, prepared once on the cluster's S3 server (jobs only read it; each test
+    writes into a bucket of its own)."""
+    data = f"{cluster['s3'].bucket()}/data"
+    out = subprocess.run([sys.executable, "-m", "ray_jobs.prepare", "--input", str(tiny_npz), "--output", data,
                           "--workers", "1"], cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return data
@@ -159,18 +161,25 @@ def test_submit_without_the_token_is_refused(cluster):
     assert ok.returncode == 0, (ok.stdout + ok.stderr)[-2000:]
 
 
-def test_two_node_training_with_data_and_checkpoints_on_s3(cluster, tiny_npz):
-    """prepare -> train (one worker per node) -> evaluate -> predict, all through S3."""
+def test_two_node_training_with_data_and_checkpoints_on_s3(cluster, data, monkeypatch):
+    """prepare -> train (one worker per node) -> evaluate -> predict, all through S3 and
+    `ray job submit --working-dir` (the packaged checkout, as cluster/README.md shows)."""
     s3 = cluster["s3"]
-    bucket = s3.bucket()
-    data = prepare(cluster, tiny_npz, bucket)
-    runs = f"{bucket}/runs"
+    runs = f"{s3.bucket()}/runs"
     started = time.monotonic()
     out = submit(cluster, *train_args(data, runs, "spread", 2, "--set", "placement_strategy=STRICT_SPREAD"))
     seconds = time.monotonic() - started
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    job_id = re.search(r"raysubmit_\w+", out.stdout + out.stderr).group(0)
+    status = subprocess.run([RAY, "job", "status", "--address", cluster["dashboard"], job_id], env=cluster["env"],
+                            capture_output=True, text=True, timeout=120)
+    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
     result = read_json(s3, f"{runs}/spread/result.json")
     assert result["epochs"] == 2 and result["best_checkpoint"].startswith(f"{runs}/spread/checkpoint_")
+    for key, value in s3.env().items():  # this process reads the cluster's S3 server as the jobs do
+        monkeypatch.setenv(key, value)
+    from ray_jobs.checkpoint import load_checkpoint
+    assert load_checkpoint(result["best_checkpoint"])["epoch"] in (0, 1)
     nodes = {w["node_id"] for w in result["worker_nodes"]}
     assert len(result["worker_nodes"]) == 2 and len(nodes) == 2, result["worker_nodes"]  # both nodes trained
     (cluster["logs"] / "two_node_train_seconds.txt").write_text(f"{seconds:.1f}\n")
@@ -179,18 +188,20 @@ def test_two_node_training_with_data_and_checkpoints_on_s3(cluster, tiny_npz):
     out = submit(cluster, "ray_jobs.evaluate", "--checkpoint", f"{runs}/spread", "--data", data, "--split", "test",
                  "--out", f"{runs}/spread/eval")
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    assert read_json(s3, f"{runs}/spread/eval/report.json")["num_samples"] == 20
+    report = read_json(s3, f"{runs}/spread/eval/report.json")
+    assert report["num_samples"] == 20
+    assert {"accuracy", "macro_f1", "balanced_accuracy", "ece", "mce", "brier", "auc_macro", "g_mean", "mcc",
+            "kappa", "per_class"} <= set(report)
     out = submit(cluster, "ray_jobs.predict", "--checkpoint", f"{runs}/spread", "--input", data, "--split", "test",
                  "--output", f"{runs}/spread/predictions")
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert read_json(s3, f"{runs}/spread/predictions/_SUCCESS.json")["rows"] == 20
 
 
-def test_sweep_on_the_two_node_cluster(cluster, tiny_npz):
+def test_sweep_on_the_two_node_cluster(cluster, data):
     """A small sweep (2 trials of one epoch) through `ray job submit`, data and results on S3."""
     s3 = cluster["s3"]
     bucket = s3.bucket()
-    data = prepare(cluster, tiny_npz, bucket)
     out = submit(cluster, "ray_jobs.sweep", "--config", "configs/sweep-cws.yaml", "--data", data, "--trials", "2",
                  "--epochs", "1", "--image-size", "28", "--num-workers", "1", "--storage", f"{bucket}/sweeps",
                  "--name", "sw", "--set", "base.model=resnet18", "--set", "base.data.augment=none",
@@ -202,12 +213,11 @@ def test_sweep_on_the_two_node_cluster(cluster, tiny_npz):
     assert s3.fs.get_file_info(f"{bucket[5:]}/sweeps/sw/best_config.yaml").size > 0
 
 
-def test_gan_on_the_two_node_cluster(cluster, tiny_npz):
+def test_gan_on_the_two_node_cluster(cluster, data):
     """GCGAN (2 DDP workers, 4 iterations) and a synthesized dataset version, all on S3, through
     `ray job submit`; the version passes --verify and holds the real shards by reference."""
     s3 = cluster["s3"]
     bucket = s3.bucket()
-    data = prepare(cluster, tiny_npz, bucket)
     gan = f"{bucket}/gan"
     out = submit(cluster, "ray_jobs.gan", "train", "--data", data, "--classes", "4", "--image-size", "32",
                  "--iterations", "4", "--batch-size", "2", "--num-workers", "2", "--checkpoint-every", "2",
@@ -232,12 +242,11 @@ def test_gan_on_the_two_node_cluster(cluster, tiny_npz):
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
-def test_s3_server_restarted_mid_training(cluster, tiny_npz):
+def test_s3_server_restarted_mid_training(cluster, data):
     """Stop the S3 server after the first checkpoint, start it again on the same port and data:
     the run rides it out (retries with backoff) and finishes; no epoch is lost or trained twice."""
     s3 = cluster["s3"]
     bucket = s3.bucket()
-    data = prepare(cluster, tiny_npz, bucket)
     runs = f"{bucket}/runs"
     starts = Path(tempfile.mkdtemp(prefix="mbstarts-")) / "starts"  # one line per worker (re)start
     restarted = {}
@@ -269,10 +278,9 @@ def test_s3_server_restarted_mid_training(cluster, tiny_npz):
 
 
 @pytest.mark.parametrize("fault", ["wrong endpoint", "wrong credentials", "missing bucket"])
-def test_storage_misconfiguration_fails_fast_and_clearly(cluster, tiny_npz, fault):
+def test_storage_misconfiguration_fails_fast_and_clearly(cluster, data, fault):
     s3 = cluster["s3"]
     bucket = s3.bucket()
-    data = prepare(cluster, tiny_npz, bucket)
     env = dict(cluster["env"])
     expected = {"wrong endpoint": "did not answer", "wrong credentials": "refused the credentials",
                 "missing bucket": "does not exist"}[fault]
@@ -281,7 +289,7 @@ def test_storage_misconfiguration_fails_fast_and_clearly(cluster, tiny_npz, faul
     elif fault == "wrong credentials":
         env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
     else:
-        data = data.replace(bucket, "s3://no-such-bucket-here")
+        data = "s3://no-such-bucket-here/data"
     env.pop("RAY_ADDRESS")  # as a user runs it: the check comes before any Ray
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", *train_args(data, f"{bucket}/runs", "bad")], cwd=REPO, env=env,
