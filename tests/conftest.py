@@ -62,7 +62,7 @@ def free_port_with_grpc() -> int:
 
 # A `ray start --block` node given SIGTERM takes ~33 s to exit on 2 cores; SIGKILL to its process
 # group after a short grace leaves no process behind (every Ray process of the node is in the group).
-RAY_NODE_STOP_S = 5.0
+RAY_NODE_STOP_S = 2.0
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
