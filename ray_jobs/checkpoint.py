@@ -26,6 +26,9 @@ from medbalance.errors import ConfigError, StorageError
 from shards import storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# torch.save writes a zip archive; its end-of-central-directory record (22 bytes, no archive
+# comment) is the last thing written.
+_ZIP_END, _ZIP_END_SIZE = b"PK\x05\x06", 22
 
 
 def save_checkpoint(state: dict, directory: str) -> str:
@@ -35,6 +38,32 @@ def save_checkpoint(state: dict, directory: str) -> str:
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def is_complete(uri: str) -> bool:
+    """Whether checkpoint folder ``uri`` holds a whole ``checkpoint.pt`` (reads only its last 22 bytes).
+
+    Ray Train persists a reported checkpoint by copying its folder to the run's storage; a driver
+    killed during that copy leaves a folder whose ``checkpoint.pt`` was cut off, and so lacks the
+    zip end record that ``torch.save`` writes last.
+
+    Raises:
+        StorageError: the storage cannot be read.
+    """
+    target = storage.join(uri, CHECKPOINT_FILE)
+    fs, path = storage.resolve(target)
+    try:
+        with fs.open_input_file(path) as f:
+            size = f.size()
+            if size < _ZIP_END_SIZE:
+                return False
+            f.seek(size - _ZIP_END_SIZE)
+            tail = f.read(_ZIP_END_SIZE)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise storage.explain(target, exc, "read") from exc
+    return tail.startswith(_ZIP_END) and tail[-2:] == b"\x00\x00"
 
 
 def report(metrics: dict, state: dict | None = None, files: dict[str, str] | None = None) -> None:

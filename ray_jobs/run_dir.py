@@ -17,7 +17,8 @@ import json
 import pyarrow.fs as pafs
 
 from medbalance.errors import ConfigError
-from ray_jobs.checkpoint import CHECKPOINT_FILE
+from ray_jobs.checkpoint import CHECKPOINT_FILE, is_complete
+from ray_jobs.progress import say
 from shards import storage
 
 RESULT_FILE = "result.json"
@@ -59,12 +60,17 @@ class RunDir:
 
         Ray Train restores a run on its own only when the earlier driver ended cleanly; after a
         killed driver it would start over, so jobs hand this URI to their training loop, which
-        loads it when Ray gives it none (Train V2 deprecates ``resume_from_checkpoint``).
+        loads it when Ray gives it none (Train V2 deprecates ``resume_from_checkpoint``). A folder
+        whose copy to storage was cut off by the kill (``checkpoint.is_complete``) is passed over,
+        with a line that names it; it is left in place.
         """
         for uri in reversed(self.checkpoint_dirs()):
+            if is_complete(uri):
+                return uri
             fs, path = storage.resolve(uri)
             if storage.exists(fs, f"{path}/{CHECKPOINT_FILE}", uri):
-                return uri
+                say(f"passing over {uri}: its {CHECKPOINT_FILE} is incomplete (the earlier run was stopped "
+                    "while it was being written)")
         return None
 
     def check_resume(self, mode: str) -> bool:

@@ -49,13 +49,21 @@ def die_with_parent(parent_pid: int) -> None:
 def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Cancel what is queued and end the encoding workers now (not after their current chunk).
 
-    The pool's call queue is fed by a thread that may be blocked writing a chunk into a pipe no
-    worker will read any more; Python joins that thread at exit, which would hang the ingest after
-    SIGTERM. ``cancel_join_thread`` lets the process exit without it (the data is abandoned on
-    purpose). Python 3.14 has ``terminate_workers``; before it, these private fields are the way.
+    Two threads of the pool would otherwise hang the ingest's exit after SIGTERM:
+
+    * the call queue's feeder, blocked writing a chunk into a pipe no worker reads any more
+      (Python joins it at exit): ``cancel_join_thread`` lets the process exit without it (the data
+      is abandoned on purpose);
+    * the pool's manager thread, blocked reading a result that a killed worker had half written
+      (Python joins it at exit too). It reads on until end-of-file, which never comes while this
+      process holds the pipe's write end as well: closing that end once the workers are gone
+      gives it end-of-file, and it stops.
+
+    Python 3.14 has ``terminate_workers``; before it, these private fields are the way.
     """
     processes = list((getattr(pool, "_processes", None) or {}).values())
     call_queue = getattr(pool, "_call_queue", None)
+    result_queue = getattr(pool, "_result_queue", None)  # shutdown() drops the pool's reference
     if call_queue is not None:
         call_queue.cancel_join_thread()
     pool.shutdown(wait=False, cancel_futures=True)
@@ -64,6 +72,8 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
             process.terminate()
     for process in processes:
         process.join(timeout=5)
+    if result_queue is not None and not any(p.is_alive() for p in processes):
+        result_queue._writer.close()
 
 
 @lru_cache(maxsize=4)

@@ -301,6 +301,27 @@ def test_sigterm_during_ingest_leaves_no_shards_and_no_workers(slow_npz, tmp_pat
     assert not alive, f"encoding workers still running: {alive}"
 
 
+def test_stopping_the_pool_frees_a_thread_reading_a_half_written_result():
+    """A worker killed while sending its result leaves the pool's manager thread reading the rest
+    of that message; Python joins that thread at exit, so an ingest given SIGTERM could hang there
+    (the SIGTERM test above once waited 120 s for it). Here the half message is written by hand:
+    4 bytes of length, then 10 of the promised 1000."""
+    import multiprocessing
+    import struct as st
+    from concurrent.futures import ProcessPoolExecutor
+
+    from shards.encoding import stop_pool
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    assert pool.submit(abs, -1).result(timeout=60) == 1
+    manager = pool._executor_manager_thread
+    os.write(pool._result_queue._writer.fileno(), st.pack("!i", 1000) + b"x" * 10)
+    time.sleep(0.5)  # the manager thread is now waiting for the other 990 bytes
+    stop_pool(pool)
+    manager.join(timeout=10)
+    assert not manager.is_alive(), "the pool's manager thread still waits for a result no worker will send"
+
+
 def test_sigkill_during_ingest_workers_die_and_the_leftover_is_reported(slow_npz, small_npz, tmp_path):
     out = tmp_path / "out"
     proc = start_ingest(slow_npz, out)
@@ -344,6 +365,31 @@ def test_a_failed_first_run_does_not_block_the_name(tmp_path):
     (tmp_path / "first" / "checkpoint_2026-11-28_10-00-00.000000").mkdir()
     with pytest.raises(ConfigError, match="already has results"):
         run.check_resume("fresh")
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_checkpoint_cut_off_mid_copy_is_passed_over_on_resume(request, tmp_path, where, capsys):
+    """A driver killed while Ray Train copied a checkpoint folder to storage leaves a cut-off
+    checkpoint.pt; resuming takes the newest whole one and says which it passed over."""
+    import torch
+
+    from ray_jobs.checkpoint import is_complete, load_checkpoint
+
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path / "runs")
+    local = tmp_path / "local"
+    local.mkdir()
+    whole = Path(save_checkpoint({"epoch": 0, "weights": torch.arange(5000.0)}, str(local)))
+    data = whole.read_bytes()
+    older, newer = (f"{root}/run/checkpoint_2026-11-28_10-00-0{i}.000000" for i in (1, 2))
+    for uri, body in ((older, data), (newer, data[: len(data) - 100])):
+        target_fs, path = storage.resolve(f"{uri}/checkpoint.pt")
+        storage.ensure_dir(target_fs, path.rsplit("/", 1)[0], uri)
+        with target_fs.open_output_stream(path) as f:
+            f.write(body)
+    assert is_complete(older) and not is_complete(newer) and not is_complete(f"{root}/run/no-such")
+    assert RunDir(root, "run").latest_checkpoint() == older
+    assert "passing over " + newer in capsys.readouterr().out
+    assert load_checkpoint(older, required=())["epoch"] == 0
 
 
 def _png_header_only(width: int, height: int) -> bytes:
