@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 from medbalance.errors import ConfigError, DataError, TrainingError
 from ray_jobs import config as config_lib
-from ray_jobs.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from ray_jobs.checkpoint import load_checkpoint
 from ray_jobs.gan_config import GanConfig
 from ray_jobs.gan_driver import fit_classes, resolve_classes
 from ray_jobs.run_dir import RunDir
@@ -33,7 +32,7 @@ from shards import ShardDataset, ingest, read_manifest, verify
 from shards.image import encode_array_png, sha256_hex
 from shards.schema import MANIFEST_NAME, SCHEMA
 
-from conftest import REPO, stop_process_group
+from conftest import REPO, kill_driver_after_checkpoint
 
 TINY = {"image_size": 32, "batch_size": 2, "ngf": 8, "ndf": 8, "checkpoint_every": 2, "log_every": 100,
         "num_samples": 4}
@@ -104,19 +103,7 @@ def test_killed_driver_resumes_and_a_nan_stops_naming_the_iteration(ray_cluster,
            "--storage", str(runs), "--name", "killed", "--checkpoint-every", "2",
            "--set", "ngf=8", "--set", "ndf=8", "--set", "num_samples=4"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
-    log = open(tmp_path / "driver.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not list(runs.glob("killed/Monocyte/checkpoint_*/" + CHECKPOINT_FILE)):
-            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        stop_process_group(proc)
-        log.close()
+    kill_driver_after_checkpoint(cmd, env, runs / "killed" / "Monocyte", tmp_path / "driver.log")
     assert not (runs / "killed" / "result.json").exists()
     time.sleep(3)  # let Ray reap the dead driver's workers
     with pytest.raises(ConfigError, match="already has results"):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -19,13 +17,13 @@ import torch
 
 from medbalance.errors import ConfigError, TrainingError
 from ray_jobs import config as config_lib
-from ray_jobs.checkpoint import CHECKPOINT_FILE, load_checkpoint, model_from_checkpoint
+from ray_jobs.checkpoint import load_checkpoint, model_from_checkpoint
 from ray_jobs.evaluate import evaluate
 from ray_jobs.predict import predict
 from ray_jobs.train import TrainConfig, fit
 from shards import ingest, read_manifest
 
-from conftest import REPO, stop_process_group
+from conftest import kill_driver_after_checkpoint
 
 pytestmark = pytest.mark.ray
 REPORT_KEYS = {"accuracy", "macro_f1", "balanced_accuracy", "ece", "mce", "brier", "auc_macro", "g_mean",
@@ -132,19 +130,7 @@ def test_resume_after_interrupted_run(ray_cluster, tiny_data, tmp_path):
            "--epochs", "3", "--batch-size", "16", "--image-size", "28", "--num-workers", "2",
            "--storage", str(runs), "--name", "interrupted", "--set", "data.augment=none"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
-    log = open(tmp_path / "driver.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not list(runs.glob("interrupted/checkpoint_*/" + CHECKPOINT_FILE)):
-            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        stop_process_group(proc)
-        log.close()
+    kill_driver_after_checkpoint(cmd, env, runs / "interrupted", tmp_path / "driver.log")
     assert not (runs / "interrupted" / "result.json").exists()
     time.sleep(3)  # let Ray reap the dead driver's workers
     cfg = make_cfg(tiny_data, str(runs), "interrupted", epochs=3, loss="ce")
