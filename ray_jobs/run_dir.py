@@ -67,10 +67,8 @@ class RunDir:
         for uri in reversed(self.checkpoint_dirs()):
             if is_complete(uri):
                 return uri
-            fs, path = storage.resolve(uri)
-            if storage.exists(fs, f"{path}/{CHECKPOINT_FILE}", uri):
-                say(f"passing over {uri}: its {CHECKPOINT_FILE} is incomplete (the earlier run was stopped "
-                    "while it was being written)")
+            say(f"passing over {uri}: its {CHECKPOINT_FILE} is missing or cut off (the earlier run was "
+                "stopped while the folder was being written)")
         return None
 
     def check_resume(self, mode: str) -> bool:

@@ -190,25 +190,30 @@ def s3_env(s3_server) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- Ray
-def kill_driver_after_checkpoint(cmd: list[str], env: dict, run_folder: Path, log_path: Path,
-                                 timeout: float = 300) -> None:
-    """Start a job's driver (``cmd``) and SIGKILL its process group once ``run_folder`` holds a
-    complete checkpoint (``ray_jobs.checkpoint.is_complete``), as a crash or an OOM kill would."""
-    from ray_jobs.checkpoint import is_complete
-
+def kill_driver_when(cmd: list[str], env: dict, log_path: Path, ready, what: str, timeout: float = 300) -> None:
+    """Start a job's driver (``cmd``) and SIGKILL its process group, as a crash or an OOM kill
+    would, once ``ready()`` is true (``what`` names that moment in the timeout message)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             deadline = time.time() + timeout
-            while not any(is_complete(str(p)) for p in run_folder.glob("checkpoint_*")):
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.time() < deadline, f"no checkpoint within {timeout} s"
+            while not ready():
+                assert proc.poll() is None, log_path.read_text()[-4000:]
+                assert time.time() < deadline, f"no {what} within {timeout} s"
                 time.sleep(0.5)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
             stop_process_group(proc)
+
+
+def kill_driver_after_checkpoint(cmd: list[str], env: dict, run_folder: Path, log_path: Path) -> None:
+    """:func:`kill_driver_when` ``run_folder`` holds a complete checkpoint (``checkpoint.is_complete``)."""
+    from ray_jobs.checkpoint import is_complete
+
+    kill_driver_when(cmd, env, log_path, lambda: any(is_complete(str(p)) for p in run_folder.glob("checkpoint_*")),
+                     "checkpoint")
 
 
 def run_ray_job_submit(cmd: list[str], env: dict, timeout: float = 900, attempts: int = 6) -> subprocess.CompletedProcess:

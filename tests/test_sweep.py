@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from ray_jobs.resources import TRIAL_DRIVER_CPUS, plan_cpus, plan_trials
 from ray_jobs.search_space import parse_space
 from shards import ingest
 
-from conftest import REPO, stop_process_group
+from conftest import REPO, kill_driver_when, run_ray_job_submit
 
 COLOURS = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [220, 220, 40], [200, 40, 200]])
 
@@ -175,11 +174,7 @@ def _submit(ray_cluster, args: list[str], timeout: int = 900) -> str:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "-m", *args]
-    for _ in range(30):  # a head that just started may have no job agent yet
-        out = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=timeout)
-        if "No available agent to submit job" not in out.stderr:
-            break
-        time.sleep(2)
+    out = run_ray_job_submit(cmd, env=ray_cluster["env"], timeout=timeout)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     return out.stdout + out.stderr
 
@@ -193,20 +188,10 @@ def test_sweep_killed_resumed_through_job_submit(ray_cluster, colour_data, tmp_p
     preset = write_sweep(tmp_path / "sweep.yaml", colour_data)
     runs = tmp_path / "runs"
     args = ["ray_jobs.sweep", "--config", preset, "--storage", str(runs), "--name", "s"]
-    log = open(tmp_path / "driver.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=ray_cluster["env"], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while not any(t["status"] in ("TERMINATED", "ERROR") for t in _newest_experiment_state(runs / "s" / "tune")):
-            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-4000:]
-            assert time.time() < deadline, "no finished trial within 600 s"
-            time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        stop_process_group(proc)
-        log.close()
+    kill_driver_when([sys.executable, "-m", *args], ray_cluster["env"], tmp_path / "driver.log",
+                     lambda: any(t["status"] in ("TERMINATED", "ERROR")
+                                 for t in _newest_experiment_state(runs / "s" / "tune")),
+                     "finished trial", timeout=600)
     before = _newest_experiment_state(runs / "s" / "tune")
     finished = {t["trial_id"] for t in before if t["status"] in ("TERMINATED", "ERROR")}
     stamps = {p: os.stat(p).st_mtime_ns for t in finished for p in glob.glob(str(runs / "s" / "trials" / t / "*"))}
