@@ -132,10 +132,12 @@ def kuberay_start_line(params: dict[str, str], head: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- Ray cluster launcher
-def launcher_start_line(commands: list[str], set_flags: dict[str, str], drop: tuple[str, ...] = ()) -> str:
+def launcher_start_line(commands: list[str], set_flags: dict, drop: tuple[str, ...] = ()) -> str:
     """The one `ray start` line of a launcher's ``*_start_ray_commands`` (``ray stop`` skipped), its
-    ``ray start --key=value`` flags overridden by ``set_flags`` (``None`` value: a bare ``--key``)
-    and those named in ``drop`` removed; the rest of the line (``ulimit``, variables) is kept."""
+    ``ray start --key=value`` flags overridden by ``set_flags`` (a value; ``None``: a bare ``--key``;
+    a function: of the file's value) and those named in ``drop`` removed; the rest of the line
+    (``ulimit``, variables) is kept. Values with ``$`` stay unquoted, so the shell expands them
+    (``--address=$RAY_HEAD_IP:6379``), as when the launcher runs the line."""
     lines = [c for c in commands if c.strip() != "ray stop"]
     assert len(lines) == 1 and lines[0].count("ray start") == 1, f"expected one `ray start` line: {commands}"
     before, after = lines[0].split("ray start", 1)
@@ -146,9 +148,15 @@ def launcher_start_line(commands: list[str], set_flags: dict[str, str], drop: tu
         flags[key] = value if "=" in token else None
     for key in drop:
         flags.pop(key, None)
-    flags.update(set_flags)
-    rendered = [f"--{k}" if v is None else f"--{k}={shlex.quote(str(v))}" for k, v in flags.items()]
+    for key, value in set_flags.items():
+        flags[key] = value(flags.get(key)) if callable(value) else value
+    rendered = [f"--{k}" if v is None else f"--{k}={_shell_word(str(v))}" for k, v in flags.items()]
     return f"{before}ray start {' '.join(rendered)}"
+
+
+def _shell_word(value: str) -> str:
+    """``value`` as one shell word: as it is when plain or a ``$VARIABLE`` reference, else quoted."""
+    return value if re.fullmatch(r"[$\w:./,@%+-]*", value) else shlex.quote(value)
 
 
 # ----------------------------------------------------------------------------- processes
