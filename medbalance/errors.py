@@ -24,3 +24,7 @@ class ConfigError(MedbalanceError):
 
 class TrainingError(MedbalanceError):
     """Training cannot go on (e.g. a non-finite loss); the message names epoch and step."""
+
+
+class ClusterError(MedbalanceError):
+    """Ray could not be started or reached (a start-up time-out, a wrong ``RAY_ADDRESS``)."""

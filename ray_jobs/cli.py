@@ -7,8 +7,11 @@ turning project errors into one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import threading
+import traceback
 from typing import Callable
 
 from medbalance.errors import MedbalanceError
@@ -27,12 +30,21 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
                         help="show every Ray message and full tracebacks")
 
 
+# After the job's main returns, Ray's own shutdown (atexit) and Tune's threads must end the process;
+# on a loaded machine they have been seen to hang. Past this many seconds the process exits anyway.
+EXIT_GRACE_S = 60.0
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run a job's ``main``; a :class:`MedbalanceError` prints its message and returns 2.
 
     SIGTERM (``kill``, ``ray job stop``, a scheduler) is turned into an exception, so a job
     cleans up exactly as on Ctrl-C (SIGINT): an ingest removes its unfinished shards, a prediction
-    its unfinished files.
+    its unfinished files. Any other exception (a library raising where medbalance does not expect
+    it) is one line and exit status 2 too, with the full traceback under ``--verbose``.
+
+    Called as the process's entry (``argv`` None: the arguments are ``sys.argv``), it also makes sure
+    the process then ends: a watchdog exits it if shutting Ray down hangs.
     """
     from ray_jobs.ray_runtime import configure_logging
 
@@ -41,20 +53,40 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     configure_logging(verbose=verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return main(argv)
-    except MedbalanceError as exc:
+        code = main(argv)
+    except Exception as exc:  # noqa: BLE001 (every error ends as one line)
         if verbose:
-            import traceback
-
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except Terminated:
         print("terminated (SIGTERM)", file=sys.stderr)
-        return 143
+        code = 143
+    if argv is None:
+        _exit_even_if_shutdown_hangs(code)
+    return code
+
+
+def _one_line(exc: BaseException) -> str:
+    """A project error's message; anything else as its type and first line, with what to do."""
+    if isinstance(exc, MedbalanceError):
+        return str(exc)
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return (f"unexpected {type(exc).__name__}: {first or '(no message)'}; medbalance does not handle this case: "
+            "rerun with --verbose for the full traceback, and report it")
+
+
+def _exit_even_if_shutdown_hangs(code: int) -> None:
+    """Start a daemon timer that ends the process with ``code`` if it is still alive after
+    :data:`EXIT_GRACE_S` (Ray's shutdown or a non-daemon thread of Tune holding it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
 
 
 def add_run_flags(p) -> None:

@@ -60,14 +60,18 @@ def check_compare(cfg: CompareConfig) -> dict:
     from shards import read_manifest
 
     from ray_jobs.search_space import check_params
-    from ray_jobs.sweep import absolute_paths
+    from ray_jobs.sweep import absolute_paths, check_seed
 
     if not isinstance(cfg.methods, dict) or not cfg.methods:
         raise ConfigError("the comparison has no methods: give `methods:` {name: {model: ..., loss: ...}}")
     seeds = cfg.seeds
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds) or len(set(seeds)) != len(seeds):
+    if not isinstance(seeds, list) or not seeds or len(set(map(repr, seeds))) != len(seeds):
         raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    for seed in seeds:
+        check_seed(seed, "seeds")
+    if not cfg.status_interval > 0:
+        raise ConfigError(f"status_interval must be above 0 seconds, got {cfg.status_interval}")
+    check_folder_names(list(cfg.methods))
     cfg.baseline = cfg.baseline or next(iter(cfg.methods))
     if cfg.baseline not in cfg.methods:
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the methods {list(cfg.methods)}")
@@ -88,6 +92,62 @@ def check_compare(cfg: CompareConfig) -> dict:
     return overlays
 
 
+def check_folder_names(methods: list) -> None:
+    """Refuse two methods whose runs would share a folder (``tuning.run_name`` maps every character
+    outside ``A-Za-z0-9_.-`` to ``_``: "r18 ce" and "r18_ce" both train in ``r18_ce-seed0``)."""
+    seen: dict[str, str] = {}
+    for method in methods:
+        folder = tuning.run_name({"method": method, "seed": 0}, "")
+        if folder in seen:
+            raise ConfigError(f"methods {seen[folder]!r} and {method!r} would train in the same folder "
+                              f"trials/{folder}: rename one (names differ only in characters outside "
+                              "A-Za-z0-9_.-, which folder names replace with _)")
+        seen[folder] = method
+
+
+def check_trial_configs(cfg: CompareConfig, folder: RunDir, overlays: dict, rows: list[dict]) -> None:
+    """Each trial's saved ``trials/<run>/config.yaml`` holds its method's overlay and its seed; a
+    mismatch (a folder another method or an earlier comparison wrote) stops before the table."""
+    import yaml
+
+    from ray_jobs import sweep_report as report
+
+    trials = storage.join(folder.uri, tuning.TRIALS_DIR)
+    base = config_lib.to_dict(cfg.base)
+    for row in rows:
+        if row["status"] == report.FAILED:
+            continue
+        params = {"method": row["method"], "seed": row["seed"]}
+        run = RunDir(trials, tuning.run_name(params, row["trial_id"]))
+        fs, path = storage.resolve(run.uri)
+        if not storage.exists(fs, f"{path}/config.yaml", run.uri):
+            continue
+        saved = yaml.safe_load(storage.read_bytes(fs, f"{path}/config.yaml", run.uri)) or {}
+        built = config_lib.to_dict(tuning.trial_config(params, base, overlays, trials, row["trial_id"]))
+        wrong = _differences(_pick(built, {**overlays[row["method"]], "seed": None}), saved)
+        if wrong:
+            raise ConfigError(f"{run.uri}/config.yaml does not hold method {row['method']!r} seed {row['seed']} "
+                              f"({', '.join(wrong)}): its run was trained with another config; nothing was "
+                              "written. Rerun the comparison under a new --name")
+
+
+def _pick(tree: dict, keys: dict) -> dict:
+    """The part of ``tree`` at the (nested) keys of ``keys``."""
+    return {k: _pick(tree[k], v) if isinstance(v, dict) and isinstance(tree.get(k), dict) else tree.get(k)
+            for k, v in keys.items()}
+
+
+def _differences(expected: dict, saved: dict, prefix: str = "") -> list[str]:
+    """Dotted keys where ``saved`` differs from ``expected`` (only the keys ``expected`` sets)."""
+    wrong = []
+    for key, value in expected.items():
+        if isinstance(value, dict) and isinstance(saved.get(key), dict):
+            wrong += _differences(value, saved[key], f"{prefix}{key}.")
+        elif saved.get(key) != value:
+            wrong.append(f"{prefix}{key}: {saved.get(key)!r} instead of {value!r}")
+    return wrong
+
+
 def compare(cfg: CompareConfig, resume: bool = False) -> dict:
     """Run (or continue) the grid, evaluate every best checkpoint, write the tables.
 
@@ -101,11 +161,10 @@ def compare(cfg: CompareConfig, resume: bool = False) -> dict:
     from ray_jobs.sweep import QUIET_LINES
 
     cfg.storage = tuning.absolute(cfg.storage)
+    storage.check_folder(cfg.storage, "--storage")
     folder = RunDir(cfg.storage, cfg.name)
     cfg = tuning.resolve_resume(folder, cfg, resume, COMPARE_FILE)
     overlays = check_compare(cfg)
-    if not resume:
-        folder.write_bytes(COMPARE_FILE, config_lib.dump_yaml(cfg).encode())
 
     from ray_jobs.ray_runtime import add_quiet_worker_lines
 
@@ -115,6 +174,8 @@ def compare(cfg: CompareConfig, resume: bool = False) -> dict:
     trials = len(cfg.methods) * len(cfg.seeds)
     concurrent, cpus = plan_trials(base.num_workers, base.use_gpu, trials, cfg.max_concurrent_trials,
                                    base.cpus_per_worker)
+    if not resume:  # only now: a grid the cluster cannot run leaves no saved config behind
+        folder.write_bytes(COMPARE_FILE, config_lib.dump_yaml(cfg).encode())
     trial_base = config_lib.to_dict(base)
     trial_base["cpus_per_worker"] = cpus
     restore = resume and tuning.has_experiment(folder.uri)
@@ -123,12 +184,13 @@ def compare(cfg: CompareConfig, resume: bool = False) -> dict:
         + ("; resuming" if restore else ""))
     started = time.perf_counter()
     metric, keys = base.checkpoint_metric, ["method", "seed"]
-    results = tuning.run_tuner(
+    lines = tuning.trial_lines(metric, base.checkpoint_mode, keys)
+    results = tuning.fit_or_leave_nothing(folder, not resume, lines, [COMPARE_FILE], lambda: tuning.run_tuner(
         sweep_uri=folder.uri, base=trial_base, methods=overlays,
         param_space={"method": tune.grid_search(list(cfg.methods)), "seed": tune.grid_search(list(cfg.seeds))},
         search_alg=None, scheduler=None, num_samples=1, concurrent=concurrent, resume=restore,
         status_interval=cfg.status_interval, metric=metric, mode=base.checkpoint_mode, keys=keys,
-        callbacks=[tuning.trial_lines(metric, base.checkpoint_mode, base.epochs, keys)])
+        callbacks=[lines]))
     return write_tables(cfg, folder, overlays, results, time.perf_counter() - started, concurrent)
 
 
@@ -141,7 +203,8 @@ def write_tables(cfg: CompareConfig, folder: RunDir, overlays: dict, results, se
 
     base = cfg.base
     rows, _ = report.trial_rows(results, sweep_uri=folder.uri, metric=base.checkpoint_metric,
-                                mode=base.checkpoint_mode, max_epochs=base.epochs, keys=["method", "seed"])
+                                mode=base.checkpoint_mode, keys=["method", "seed"])
+    check_trial_configs(cfg, folder, overlays, rows)
     runs, jobs = [], {}
     for row in sorted(rows, key=lambda r: (list(cfg.methods).index(r["method"]), r["seed"])):
         run = {"method": row["method"], "seed": row["seed"], "status": row["status"],

@@ -126,7 +126,7 @@ class TrainConfig:
     amp: str = _field("auto", choices=_amp_modes)  # auto (GPU: bf16 if supported else fp16; CPU: off) | bf16 | fp16 | off
     sync_batchnorm: bool = False
     channels_last: bool = False
-    seed: int = _field(0, ge=0)
+    seed: int = _field(0, ge=0, le=2**32 - 1)
     reproducible: bool = False       # deterministic algorithms + seeded re-sampling
     max_failures: int = _field(2, ge=-1)  # -1: retry forever (Ray's convention)
     keep_checkpoints: int = _field(2, ge=1)

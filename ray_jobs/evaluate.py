@@ -70,6 +70,7 @@ def evaluate(checkpoint: str, data: str, split: str, out: str, *, calibrate: boo
     from ray_jobs.inference import split_logits
     from shards import check_shards
 
+    storage.check_folder(out, "--out")
     checkpoint = resolve_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint)
     manifest = check_shards(data, splits=[split] + (["val"] if calibrate else []))

@@ -64,3 +64,19 @@ class GanConfig:
             raise ConfigError(f"unknown sample_bn_mode {self.sample_bn_mode!r}; use one of {BN_MODES}")
         if self.concurrent < 0:
             raise ConfigError(f"concurrent must be >= 0 (0: as many as fit), got {self.concurrent}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Numbers with a range beyond >= 1: each refusal names the key, the value and the range."""
+        ranges = {"nz": ("at least 1", lambda v: v >= 1), "ngf": ("at least 1", lambda v: v >= 1),
+                  "ndf": ("at least 1", lambda v: v >= 1), "keep_checkpoints": ("at least 1", lambda v: v >= 1),
+                  "lr": ("above 0 and at most 1", lambda v: 0 < v <= 1),
+                  "ema_decay": ("from 0 to 1", lambda v: 0 <= v <= 1),
+                  "max_failures": ("at least 0", lambda v: v >= 0), "max_class_mb": ("above 0", lambda v: v > 0),
+                  "seed": ("from 0 to 2**32 - 1", lambda v: 0 <= v <= 2**32 - 1)}
+        if self.cpus_per_worker is not None:
+            ranges["cpus_per_worker"] = ("above 0 (or unset: derived)", lambda v: v > 0)
+        for key, (allowed, ok) in ranges.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ConfigError(f"{key} must be {allowed}, got {value!r}")

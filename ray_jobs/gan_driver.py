@@ -159,6 +159,7 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
     if resume not in RESUME_MODES:
         raise ConfigError(f"unknown resume mode {resume!r}; use one of {RESUME_MODES}")
     reconstruction = ReconstructionLoss(cfg.lpips_weights).name  # a bad LPIPS file fails here, once
+    storage.check_folder(cfg.storage, "--storage")
     manifest = check_shards(cfg.data, splits=["train"])
     classes = resolve_classes(manifest, cfg.classes)
     names = run_names(classes)

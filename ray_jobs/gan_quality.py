@@ -21,6 +21,7 @@ import torch
 
 from medbalance.errors import ConfigError, DataError
 from ray_jobs.progress import say
+from shards import storage
 
 DEFAULT_EXTRACTOR_SIZE = 224
 
@@ -101,6 +102,7 @@ def quality(data: str, out: str, *, extractor: str | None = None, classifier: st
 
     if bool(extractor) == bool(classifier):
         raise ConfigError("pass exactly one feature source: --extractor FILE or --classifier CHECKPOINT")
+    storage.check_folder(out, "--out")
     manifest = check_shards(data, splits=["train"])
     if classifier:
         module, trained_size = classifier_extractor(classifier)

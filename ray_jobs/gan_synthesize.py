@@ -26,7 +26,9 @@ from medbalance.errors import ConfigError, DataError
 from ray_jobs.checkpoint import load_checkpoint
 from ray_jobs.progress import say
 from shards import storage
+from shards.deletion import check_outside
 from shards.image import encode_array_png, sha256_hex
+from shards.references import included_datasets, location_of
 
 CHECKPOINT_KEYS = ("g_ema", "config", "class_name", "iteration")
 
@@ -110,9 +112,12 @@ def synthesize(checkpoint: str, output: str, *, per_class: int | None = None, ba
     out_fs, out_root = storage.resolve(output)
     if base_fs.type_name != out_fs.type_name:
         raise ConfigError(f"--output {output} must be on the same storage as the dataset it includes ({data})")
-    if out_root.rstrip("/") == base_root.rstrip("/"):
-        raise ConfigError("--output must be a new location: a dataset version never changes the dataset it includes")
+    storage.check_folder(output, "--output")
     base = check_shards(data)
+    # The version relies on every dataset `data` includes, transitively: --output may overlap none.
+    check_outside(output, location_of(output), [(uri, location_of(uri)) for uri, _ in included_datasets(data, base)],
+                  why=", which the new version includes: a dataset version goes to a new location and never changes "
+                  "the data it includes")
     base_sha = sha256_hex(storage.read_bytes(base_fs, f"{base_root}/{MANIFEST_NAME}", data))
     for name in generators:
         if name not in base.class_names:

@@ -16,7 +16,10 @@ and :func:`read_predictions` reads exactly what it lists. ``--overwrite`` replac
 predictions only after the new ``_SUCCESS.json`` is in place, so a failing rerun keeps the old
 ones; it deletes only what an earlier ``_SUCCESS.json`` listed (and unfinished
 ``predictions-*`` folders of interrupted runs), never a folder that is not a medbalance
-predictions folder. An output that is, contains or lies inside the input is refused.
+predictions folder. Every deletion goes through ``shards.deletion.OutputTree``: an entry of
+``_SUCCESS.json`` that is absolute, holds ``..`` or resolves (through a symlink) outside
+``--output`` stops the job with exit 2 before anything is deleted. An output that is, contains or
+lies inside the input is refused, and so is an output that is a file.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import argparse
 import gc
 import datetime as dt
 import json
-import os
 import sys
 import time
 import uuid
@@ -39,7 +41,9 @@ from ray_jobs.data_errors import data_error_message
 from ray_jobs.evaluate import resolve_checkpoint
 from ray_jobs.progress import Progress
 from shards import storage
+from shards.deletion import OutputTree, UnsafeDeletion, check_outside, relative_entry
 from shards.image import IMAGE_EXTENSIONS
+from shards.references import location_of
 from shards.schema import MANIFEST_NAME
 
 # Inference runs on small blocks (ray_jobs.inference); the driver gathers them into files of at
@@ -50,79 +54,73 @@ SUCCESS = "_SUCCESS.json"
 VERSION_PREFIX = "predictions-"
 
 
-def _same_or_inside(inner: str, outer: str) -> bool:
-    inner, outer = inner.rstrip("/"), outer.rstrip("/")
-    return inner == outer or inner.startswith(outer + "/")
-
-
 def check_not_overlapping(input_uri: str, output: str) -> None:
     """Refuse an output that is, contains or lies inside the input (it could destroy the input)."""
-    in_fs, in_path = storage.resolve(input_uri)
-    out_fs, out_path = storage.resolve(output)
-    if type(in_fs) is not type(out_fs):
-        return
-    if storage.is_remote(input_uri) != storage.is_remote(output):
-        return
-    if not storage.is_remote(input_uri):
-        in_path, out_path = os.path.realpath(in_path), os.path.realpath(out_path)
-    if _same_or_inside(out_path, in_path) or _same_or_inside(in_path, out_path):
-        raise ConfigError(f"--output {output} overlaps --input {input_uri} (it is, contains or lies "
-                          "inside it); write predictions to a folder of their own")
+    check_outside(output, location_of(output), [(f"--input {input_uri}", location_of(input_uri))],
+                  why=": predictions there could overwrite or delete the input; write them to a folder of their own")
 
 
-def _previous_output(output: str, overwrite: bool) -> tuple[dict | None, list[str]]:
-    """What is at ``output`` now: its ``_SUCCESS.json`` (or None) and unfinished version folders.
+def _success_files(success, where: str) -> list[str]:
+    """The files a ``_SUCCESS.json`` lists, each checked as a path inside its folder.
 
     Raises:
-        ConfigError: the folder holds anything but medbalance predictions, or holds predictions
-            and ``overwrite`` is off.
+        UnsafeDeletion: the file lists something that is not a relative path inside the folder.
+    """
+    files = success.get("files") if isinstance(success, dict) else None
+    if not isinstance(files, list):
+        raise UnsafeDeletion(f"{where} is damaged (no list of files): nothing was deleted; check the folder by "
+                             "hand and remove the file, or choose another --output")
+    return [relative_entry(f, where) for f in files]
+
+
+def _previous_output(output: str, overwrite: bool) -> tuple[list[str], list[str]]:
+    """What is at ``output`` now: the files its ``_SUCCESS.json`` lists and unfinished version folders.
+
+    Raises:
+        ConfigError: ``output`` is a file, holds anything but medbalance predictions, or holds
+            predictions and ``overwrite`` is off.
+        UnsafeDeletion: its ``_SUCCESS.json`` lists a path outside it.
     """
     import pyarrow.fs as pafs
 
     fs, path = storage.resolve(output)
+    storage.check_folder(output, "--output")
     if not storage.exists(fs, path, output):
-        return None, []
+        return [], []
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     if not entries:
-        return None, []
+        return [], []
     names = {e.base_name: e for e in entries}
-    success = None
+    files = []
     if SUCCESS in names:
-        success = json.loads(storage.read_bytes(fs, f"{path}/{SUCCESS}", output))
-    listed = {f.split("/", 1)[0] for f in (success or {}).get("files", [])}
+        where = storage.join(output, SUCCESS)
+        try:
+            success = json.loads(storage.read_bytes(fs, f"{path}/{SUCCESS}", output))
+        except ValueError:
+            success = None
+        files = _success_files(success, where)
+    listed = {f.split("/", 1)[0] for f in files}
     ours = {SUCCESS} | listed | {n for n, e in names.items()
                                  if n.startswith(VERSION_PREFIX) and e.type == pafs.FileType.Directory}
     foreign = sorted(set(names) - ours)
     if foreign:
         raise ConfigError(
             f"{output} is not a medbalance predictions folder (it holds {foreign[:5]}"
-            f"{' ...' if len(foreign) > 5 else ''}{'' if success else ' and no ' + SUCCESS}); "
+            f"{' ...' if len(foreign) > 5 else ''}{'' if SUCCESS in names else ' and no ' + SUCCESS}); "
             "nothing was deleted. Choose an empty or new --output")
     if not overwrite:
-        what = "predictions" if success else "unfinished predictions of an interrupted run"
+        what = "predictions" if SUCCESS in names else "unfinished predictions of an interrupted run"
         raise ConfigError(f"{output} is not empty: it holds {what}; pass --overwrite to replace them, or "
                           "choose another --output")
     stale = sorted(n for n in names if n.startswith(VERSION_PREFIX) and n not in listed)
-    return success, stale
+    return files, stale
 
 
-def _remove_previous(output: str, success: dict | None, stale: list[str], keep: str) -> None:
-    """Delete what an earlier run wrote: the files its _SUCCESS.json listed, and stale versions."""
-    fs, path = storage.resolve(output)
-    for rel in (success or {}).get("files", []):
-        top = rel.split("/", 1)[0]
-        if top == keep:
-            continue
-        if "/" in rel:
-            storage.delete_dir(fs, f"{path}/{top}")
-        else:
-            try:
-                fs.delete_file(f"{path}/{rel}")
-            except FileNotFoundError:
-                pass
-    for name in stale:
-        if name != keep:
-            storage.delete_dir(fs, f"{path}/{name}")
+def _replaced(files: list[str], stale: list[str], keep: str) -> list[str]:
+    """What a finished run replaces: the folders (or top-level files) of the earlier run's files,
+    and stale version folders; never ``keep``, the new version."""
+    tops = {f.split("/", 1)[0] for f in files} | set(stale)
+    return sorted(t for t in tops if t != keep)
 
 
 class _PartWriter:
@@ -184,8 +182,12 @@ def read_predictions(output: str):
     if not storage.exists(fs, f"{path}/{SUCCESS}", output):
         raise DataError(f"{storage.join(output, SUCCESS)} does not exist: {output} holds no finished "
                         "predictions")
-    success = json.loads(storage.read_bytes(fs, f"{path}/{SUCCESS}", output))
-    tables = [pq.read_table(f"{path}/{f}", filesystem=fs) for f in success["files"]]
+    where = storage.join(output, SUCCESS)
+    try:
+        success = json.loads(storage.read_bytes(fs, f"{path}/{SUCCESS}", output))
+    except ValueError as exc:
+        raise DataError(f"{where} is not valid JSON ({exc}): the predictions cannot be read") from exc
+    tables = [pq.read_table(f"{path}/{f}", filesystem=fs) for f in _success_files(success, where)]
     return pa.concat_tables(tables) if tables else None
 
 
@@ -229,17 +231,18 @@ def _to_rows(batch: dict, class_names: list[str]) -> dict:
             "predicted_class": np.array([class_names[i] for i in prediction], dtype=object)}
 
 
-def write_predictions(checkpoint: str, input_uri: str, split: str | None, folder_uri: str, *,
+def write_predictions(checkpoint: str, input_uri: str, split: str | None, output: str, version: str, *,
                       image_size: int, class_names: list[str], total: int | None, num_actors: int,
                       use_gpu: bool, batch_size: int, spec=None) -> list[str]:
-    """Score every input image and write the Parquet files into ``folder_uri``; returns their names.
+    """Score every input image and write the Parquet files into ``<output>/<version>``; returns their names.
 
     Runs as a Ray task (``ray_runtime.run_as_task``). On any failure it removes what it wrote; a
     damaged input becomes one DataError naming the file.
     """
     from ray_jobs.inference import logits_dataset
 
-    fs, folder = storage.resolve(folder_uri)
+    fs, root = storage.resolve(output)
+    folder = f"{root}/{version}"
     progress = Progress("predicted", total=total, unit="images")
     failure = None
     try:
@@ -255,7 +258,7 @@ def write_predictions(checkpoint: str, input_uri: str, split: str | None, folder
         progress.finish()
         return names
     except BaseException as exc:
-        storage.delete_dir(fs, folder)  # only what this run wrote
+        OutputTree(fs, root, output).discard([version])  # only what this run wrote
         failure = data_error_message(exc, input_uri, advice=None if total is not None else
                                      "remove or replace that image file and run again")
         if failure is None:
@@ -278,7 +281,7 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
     checkpoint = resolve_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint)
     check_not_overlapping(input_uri, output)
-    previous, stale = _previous_output(output, overwrite)
+    previous_files, stale = _previous_output(output, overwrite)
     in_fs, in_path = storage.resolve(input_uri)
     if storage.exists(in_fs, f"{in_path}/{MANIFEST_NAME}", input_uri):
         check_shards(input_uri, splits=[split] if split else None)
@@ -286,8 +289,9 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
         raise DataError(f"input {input_uri} does not exist")
     version = f"{VERSION_PREFIX}{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     out_fs, out_path = storage.resolve(output)
+    tree = OutputTree(out_fs, out_path, output)
     started = time.perf_counter()
-    names = run_as_task(write_predictions, checkpoint, input_uri, split, storage.join(output, version),
+    names = run_as_task(write_predictions, checkpoint, input_uri, split, output, version,
                         image_size=state["config"]["data"]["image_size"], class_names=state["class_names"],
                         total=_row_count(input_uri, split), num_actors=num_actors, use_gpu=use_gpu,
                         batch_size=batch_size, spec=InputSpec.from_dict(state.get("input")))
@@ -300,9 +304,9 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
                    "class_names": state["class_names"], "seconds": round(time.perf_counter() - started, 2)}
         storage.write_bytes_atomic(out_fs, f"{out_path}/{SUCCESS}", json.dumps(success, indent=2).encode(), output)
     except BaseException:
-        storage.delete_dir(out_fs, f"{out_path}/{version}")
+        tree.discard([version])
         raise
-    _remove_previous(output, previous, stale, keep=version)
+    tree.delete(_replaced(previous_files, stale, keep=version), where=storage.join(output, SUCCESS))
     return success
 
 

@@ -30,6 +30,8 @@ import logging
 import os
 import sys
 
+from medbalance.errors import ClusterError
+
 # Ray's worker pool ends a task worker that has been idle for 1 s once there are more workers than
 # CPUs. Between two epochs the data tasks' workers sit idle while the step trains, so each epoch
 # would start new processes that import torch and torchvision again (seconds each, on the CPUs the
@@ -156,8 +158,29 @@ def init_ray() -> None:
                  # Only non-secret settings travel this way: Ray's runtime-env agent logs them.
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("RAY_DATA_LOG_LEVEL", *RAY_DATA_ENV)
                                            if k in os.environ}})
+    except Exception as exc:  # noqa: BLE001 (Ray raises a bare Exception for a start-up time-out)
+        problem = start_failure(exc, address)
+        if problem is None:
+            raise
+        raise ClusterError(problem) from exc
     finally:
         auth_logger.setLevel(level)
+
+
+def start_failure(exc: BaseException, address: str | None) -> str | None:
+    """One line for a Ray that did not start or answer (``ray.init``), with what to do; None for
+    anything else."""
+    text = str(exc)
+    if "timed out during startup" in text:
+        return ("the local Ray did not start in time (Ray: \"The current node timed out during startup\": its "
+                "raylet or GCS did not register within 30 s, which happens on an overloaded machine). Run the "
+                "job again, free the machine (other jobs, another Ray instance, memory), or point RAY_ADDRESS "
+                "at a running cluster")
+    if address and isinstance(exc, ConnectionError):
+        detail = text.splitlines()[0] if text.strip() else type(exc).__name__
+        return (f"could not connect to the Ray cluster at RAY_ADDRESS={address} ({detail}): check that the cluster "
+                "is up and the address is right, or unset RAY_ADDRESS to run on an embedded local Ray")
+    return None
 
 
 def _embedded_dashboard() -> dict:

@@ -35,6 +35,7 @@ from ray_jobs.run_dir import RunDir
 from shards import storage
 
 SWEEP_FILE, TRIALS_FILE, BEST_FILE, PLOTS_DIR = "sweep.yaml", "trials.csv", "best_config.yaml", "plots"
+MAX_SEED = 2**32 - 1
 ASHA_FILE = "asha_rungs.json"   # the scheduler's rungs, for --resume (tuning.asha)
 SEARCHERS, SCHEDULERS = ("tpe", "random"), ("asha", "none")
 # Lines of every trial that would make a wall of logs; the sweep prints one line per trial instead.
@@ -74,6 +75,15 @@ def check_sweep(cfg: SweepConfig) -> None:
         raise ConfigError(f"scheduler.reduction_factor must be above 1, got {cfg.scheduler.reduction_factor}")
     if cfg.max_concurrent_trials < 0:
         raise ConfigError(f"max_concurrent_trials must be >= 0 (0: derived), got {cfg.max_concurrent_trials}")
+    check_seed(cfg.seed, "seed")
+    if not cfg.status_interval > 0:
+        raise ConfigError(f"status_interval must be above 0 seconds, got {cfg.status_interval}")
+
+
+def check_seed(seed, key: str) -> None:
+    """A seed Optuna, NumPy and torch all accept: an integer in 0 .. 2**32 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{key} must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed!r}")
 
 
 def absolute_paths(base) -> None:
@@ -117,6 +127,10 @@ def make_scheduler(cfg: SweepConfig, sweep_uri: str):
 def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     """Run (or continue) the sweep; write and return its results.
 
+    Every value is checked before Ray starts and before anything is written; a new sweep that fails
+    before its first trial leaves nothing behind (``tuning.fit_or_leave_nothing``), so the same
+    command can be run again.
+
     Returns:
         ``{"uri", "rows", "best", "best_config", "plots", "seconds"}``.
     """
@@ -126,6 +140,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
 
     absolute_paths(cfg.base)
     cfg.storage = tuning.absolute(cfg.storage)
+    storage.check_folder(cfg.storage, "--storage")
     folder = RunDir(cfg.storage, cfg.name)
     cfg = tuning.resolve_resume(folder, cfg, resume, SWEEP_FILE)
     check_sweep(cfg)
@@ -134,8 +149,6 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     class_counts = read_manifest(cfg.base.data.uri).class_counts("train")
     distributions = parse_space(cfg.space, cfg.base, class_counts)
     check_points(cfg.points_to_evaluate, distributions, cfg.base, class_counts)
-    if not resume:
-        folder.write_bytes(SWEEP_FILE, config_lib.dump_yaml(cfg).encode())
 
     from ray_jobs.ray_runtime import add_quiet_worker_lines, init_ray
     from ray_jobs.resources import plan_trials
@@ -145,6 +158,8 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     base = cfg.base
     concurrent, cpus = plan_trials(base.num_workers, base.use_gpu, cfg.trials, cfg.max_concurrent_trials,
                                    base.cpus_per_worker)
+    if not resume:  # only now: a sweep the cluster cannot run leaves no saved config behind
+        folder.write_bytes(SWEEP_FILE, config_lib.dump_yaml(cfg).encode())
     trial_base = config_lib.to_dict(base)
     trial_base.update(cpus_per_worker=cpus, checkpoint_metric=cfg.metric, checkpoint_mode=cfg.mode)
     keys = list(distributions)
@@ -154,13 +169,15 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
         f"(seed {cfg.seed}) + {cfg.scheduler.name.upper()} on {cfg.metric} ({cfg.mode})"
         + ("; resuming" if restore else ""))
     started = time.perf_counter()
-    results = tuning.run_tuner(
-        sweep_uri=folder.uri, base=trial_base, methods=None, param_space={},
-        search_alg=make_searcher(cfg, distributions), scheduler=make_scheduler(cfg, folder.uri),
-        num_samples=cfg.trials,
-        concurrent=concurrent, resume=restore, status_interval=cfg.status_interval, metric=cfg.metric,
-        mode=cfg.mode, keys=keys,
-        callbacks=[tuning.trial_lines(cfg.metric, cfg.mode, base.epochs, keys)])
+    scheduler = make_scheduler(cfg, folder.uri)
+    lines = tuning.trial_lines(cfg.metric, cfg.mode, keys, scheduler)
+    results = tuning.fit_or_leave_nothing(
+        folder, not resume, lines, [SWEEP_FILE, ASHA_FILE],
+        lambda: tuning.run_tuner(
+            sweep_uri=folder.uri, base=trial_base, methods=None, param_space={},
+            search_alg=make_searcher(cfg, distributions), scheduler=scheduler, num_samples=cfg.trials,
+            concurrent=concurrent, resume=restore, status_interval=cfg.status_interval, metric=cfg.metric,
+            mode=cfg.mode, keys=keys, callbacks=[lines]))
     return write_results(cfg, folder, results, distributions, time.perf_counter() - started)
 
 
@@ -170,8 +187,9 @@ def write_results(cfg: SweepConfig, folder: RunDir, results, distributions: dict
     from ray_jobs.search_space import build_config
 
     keys = list(distributions)
+    stopped = tuning.stopped_by_asha(storage.join(folder.uri, ASHA_FILE)) if cfg.scheduler.name == "asha" else set()
     rows, histories = report.trial_rows(results, sweep_uri=folder.uri, metric=cfg.metric, mode=cfg.mode,
-                                        max_epochs=cfg.base.epochs, keys=keys)
+                                        keys=keys, stopped=stopped)
     columns = ["trial_id", "status", *keys, f"best_{cfg.metric}", "best_epoch", "epochs_run", "checkpoint",
                "run", "message"]
     folder.write_bytes(TRIALS_FILE, report.csv_bytes(rows, columns))
@@ -188,8 +206,10 @@ def write_results(cfg: SweepConfig, folder: RunDir, results, distributions: dict
     plots = report.write_plots(study, storage.join(folder.uri, PLOTS_DIR), cfg.metric)
     print(report.table(rows, ["trial_id", "status", *keys, f"best_{cfg.metric}", "best_epoch", "epochs_run",
                               "message"]))
-    counts = {s: sum(r["status"] == s for r in rows) for s in (report.FINISHED, report.STOPPED, report.FAILED)}
-    say(f"{len(rows)} trials in {seconds:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    counts = {s: sum(r["status"] == s for r in rows)
+              for s in (report.FINISHED, report.STOPPED, report.FAILED, report.INCOMPLETE)}
+    say(f"{len(rows)} trials in {seconds:.0f} s: " + ", ".join(f"{n} {s}" for s, n in counts.items()
+                                                               if n or s != report.INCOMPLETE))
     if best is not None:
         say(f"best: trial {best['trial_id']} {cfg.metric} {best[f'best_{cfg.metric}']:.4f} "
             f"({tuning.describe(best, keys)})")

@@ -1,8 +1,10 @@
 """What a sweep leaves: one row per trial (``trials.csv``), the best config, and Optuna's plots.
 
 Rows come from Tune's ``ResultGrid`` (every epoch each trial reported) and each trial's training
-run (``result.json``: a failed run's message). Status is ``finished`` (all epochs), ``stopped
-early`` (ASHA stopped it) or ``failed`` (with the reason). The plots are drawn by
+run (``result.json``: a failed run's message). Status comes from what happened to the trial:
+``failed`` (with the reason), ``stopped early`` (only when ASHA stopped it: ``tuning.asha``
+records whom), ``finished`` (it ran all of its own epochs), or ``incomplete`` (it ended without an
+error and without ASHA, short of its epochs: the message says how far it got). The plots are drawn by
 ``optuna.visualization.matplotlib`` on a study rebuilt from these rows (one trial per row, its best
 value, its per-epoch values as intermediate values), so they can be redrawn from ``trials.csv`` and
 Tune's results alone.
@@ -20,7 +22,7 @@ from ray_jobs.run_dir import RESULT_FILE, RunDir, checkpoint_uri
 from ray_jobs.tuning import CLOCK, TRIALS_DIR, run_name
 from shards import storage
 
-FINISHED, STOPPED, FAILED = "finished", "stopped early", "failed"
+FINISHED, STOPPED, FAILED, INCOMPLETE = "finished", "stopped early", "failed", "incomplete"
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
@@ -43,9 +45,12 @@ def _read_summary(run: RunDir) -> dict | None:
     return run.read_json(RESULT_FILE)
 
 
-def trial_rows(results, *, sweep_uri: str, metric: str, mode: str, max_epochs: int,
-               keys: list[str]) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+def trial_rows(results, *, sweep_uri: str, metric: str, mode: str, keys: list[str],
+               stopped: set[str] = frozenset()) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
     """One row per trial of a ``ResultGrid``, and each trial's (epoch, metric) history.
+
+    Args:
+        stopped: ids of the trials the scheduler stopped early (``tuning.stopped_by_asha``).
 
     Returns:
         ``(rows, histories)``; a row has ``trial_id``, ``status``, the parameters (``keys``),
@@ -70,12 +75,7 @@ def trial_rows(results, *, sweep_uri: str, metric: str, mode: str, max_epochs: i
                 if best is None or (value > best[1] if mode == "max" else value < best[1]):
                     best = (epoch, float(value), report.get("checkpoint_path"))
         epochs_run = max((e for e, _ in history), default=0)
-        if result.error is not None:
-            status, message = FAILED, failure_reason(result.error, summary)
-        elif epochs_run >= max_epochs:
-            status, message = FINISHED, ""
-        else:
-            status, message = STOPPED, f"stopped by ASHA after {epochs_run} epoch(s)"
+        status, message = _status(result, summary, trial_id in stopped, epochs_run)
         checkpoint = None
         if best is not None and isinstance(best[2], str) and best[2]:
             checkpoint = checkpoint_uri(sweep_uri, _Path(best[2]))
@@ -88,6 +88,18 @@ def trial_rows(results, *, sweep_uri: str, metric: str, mode: str, max_epochs: i
         histories[trial_id] = history
     rows.sort(key=lambda r: r["trial_id"])
     return rows, histories
+
+
+def _status(result, summary: dict | None, stopped: bool, epochs_run: int) -> tuple[str, str]:
+    """A trial's ``(status, message)`` from what happened to it (module docstring)."""
+    if result.error is not None:
+        return FAILED, failure_reason(result.error, summary)
+    if stopped:
+        return STOPPED, f"stopped by ASHA after {epochs_run} epoch(s)"
+    own = (summary or {}).get("epochs_requested")
+    if own and epochs_run < own:
+        return INCOMPLETE, f"ended after {epochs_run} of its {own} epochs, not stopped by the scheduler"
+    return FINISHED, ""
 
 
 class _Path:

@@ -258,6 +258,7 @@ def prepare_run(cfg: TrainConfig, resume: str = "auto"):
 
     if not cfg.data.uri:
         raise ConfigError("no dataset: pass --data URI (a dataset made by ray_jobs.prepare)")
+    storage.check_folder(cfg.storage, "--storage")
     manifest = check_shards(cfg.data.uri, splits=["train", "val"])
     if "val" not in manifest.splits():
         raise ConfigError(f"{cfg.data.uri} has no val split; re-run prepare with --val > 0")

@@ -104,7 +104,7 @@ def _epoch_report_callback():
 
 
 def asha(metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float, state_uri: str):
-    """Ray Tune's ASHA on :data:`CLOCK`, with two changes.
+    """Ray Tune's ASHA on :data:`CLOCK`, with three changes.
 
     * A trial at its last epoch is never stopped. Tune stops a trial by ending its actor; at the
       last epoch the trial is about to end by itself, and letting it do so lets ``fit`` write the
@@ -114,42 +114,66 @@ def asha(metric: str, mode: str, max_epochs: int, grace_period: int, reduction_f
       decision and read back after ``Tuner.restore``: Tune restores a scheduler as it was pickled
       at the start of the experiment (``TuneController`` does not snapshot it), so a resumed sweep
       would otherwise let the next trials pass every rung unopposed.
+    * The trials it stopped are recorded there too (:func:`stopped_by_asha`): a trial's status in
+      ``trials.csv`` says "stopped early" only when ASHA stopped it.
     """
     from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
     class ResumableASHA(AsyncHyperBandScheduler):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self._state_uri, self._loaded = state_uri, False
+            self._state_uri, self._loaded, self._stopped = state_uri, False, set()
 
         def _load(self) -> None:
             if self._loaded:
                 return
             self._loaded = True
-            fs, path = storage.resolve(self._state_uri)
-            if not storage.exists(fs, path, self._state_uri):
-                return
-            saved = json.loads(storage.read_bytes(fs, path, self._state_uri))
-            for bracket, rungs in zip(self._brackets, saved):
+            saved = read_asha_state(self._state_uri)
+            self._stopped = set(saved["stopped"])
+            for bracket, rungs in zip(self._brackets, saved["rungs"]):
                 bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
 
         def _save(self) -> None:
             fs, path = storage.resolve(self._state_uri)
-            state = [[[m, r] for m, r in bracket._rungs] for bracket in self._brackets]
+            state = {"rungs": [[[m, r] for m, r in bracket._rungs] for bracket in self._brackets],
+                     "stopped": sorted(self._stopped)}
             storage.write_bytes_atomic(fs, path, json.dumps(state).encode(), self._state_uri)
 
         def on_trial_add(self, tune_controller, trial):
             self._load()
             super().on_trial_add(tune_controller, trial)
 
+        def stopped_trials(self) -> set[str]:
+            self._load()
+            return set(self._stopped)
+
         def on_trial_result(self, tune_controller, trial, result):
             self._load()
             decision = super().on_trial_result(tune_controller, trial, result)
+            if result.get(CLOCK, 0) >= max_epochs:
+                decision = TrialScheduler.CONTINUE
+            if decision == TrialScheduler.STOP:
+                self._stopped.add(trial.trial_id)
             self._save()
-            return TrialScheduler.CONTINUE if result.get(CLOCK, 0) >= max_epochs else decision
+            return decision
 
     return ResumableASHA(time_attr=CLOCK, metric=metric, mode=mode, max_t=max_epochs,
                          grace_period=grace_period, reduction_factor=reduction_factor)
+
+
+def read_asha_state(state_uri: str) -> dict:
+    """``{"rungs": [...], "stopped": [trial ids]}`` saved by :func:`asha` (empty when none; the rungs
+    alone, as sweeps before the stopped list saved them, read with no stopped trials)."""
+    fs, path = storage.resolve(state_uri)
+    if not storage.exists(fs, path, state_uri):
+        return {"rungs": [], "stopped": []}
+    saved = json.loads(storage.read_bytes(fs, path, state_uri))
+    return saved if isinstance(saved, dict) else {"rungs": saved, "stopped": []}
+
+
+def stopped_by_asha(state_uri: str) -> set[str]:
+    """Ids of the trials ASHA stopped early."""
+    return set(read_asha_state(state_uri)["stopped"])
 
 
 def trial_dirname(trial) -> str:
@@ -157,13 +181,21 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def trial_lines(metric: str, mode: str, max_epochs: int, keys: list[str]):
-    """The Tune callback that prints one line per finished, stopped or failed trial."""
+def trial_lines(metric: str, mode: str, keys: list[str], scheduler=None):
+    """The Tune callback that prints one line per finished, stopped or failed trial.
+
+    A trial is "stopped early" only when ``scheduler`` (:func:`asha`, or None) stopped it; one that
+    ended on its own ran all of its epochs (its own ``epochs`` where the space or method sets it).
+    """
     from ray.tune import Callback
 
     class TrialLines(Callback):
         def __init__(self):
             self.best: dict[str, tuple[float, int]] = {}
+            self.started = 0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started += 1
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             value = result.get(metric)
@@ -175,7 +207,8 @@ def trial_lines(metric: str, mode: str, max_epochs: int, keys: list[str]):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             epochs = int((trial.last_result or {}).get(CLOCK, 0))
-            status = "finished" if epochs >= max_epochs else f"stopped early after {epochs} epoch(s)"
+            stopped = scheduler is not None and trial.trial_id in scheduler.stopped_trials()
+            status = f"stopped early by ASHA after {epochs} epoch(s)" if stopped else f"finished ({epochs} epochs)"
             best = self.best.get(trial.trial_id)
             score = f"best {metric} {best[0]:.4f} (epoch {best[1]})" if best else f"no {metric}"
             say(f"trial {trial.trial_id} {status}: {score}; {describe(trial.config, keys)}")
@@ -308,3 +341,26 @@ def run_tuner(*, sweep_uri: str, base: dict, methods: dict | None, param_space: 
                                       callbacks=callbacks, progress_reporter=reporter, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
     return tuner.fit()
+
+
+def fit_or_leave_nothing(folder: RunDir, fresh: bool, lines, files: list[str], fit):
+    """Run ``fit()``; when a new sweep or comparison fails before its first trial started (the
+    searcher refused the space, the cluster cannot place a trial), delete what it wrote in its own
+    folder (``files``, Tune's experiment and the trials' folders), so the same command runs again
+    instead of asking for ``--resume`` of a sweep that never ran.
+
+    Args:
+        folder: the sweep's or comparison's folder.
+        fresh: False when resuming (a resumed run keeps everything).
+        lines: the :func:`trial_lines` callback passed to the tuner (it counts started trials).
+        files: the entries of ``folder`` this job wrote before ``fit`` (its saved config, ASHA state).
+    """
+    from shards.deletion import OutputTree
+
+    try:
+        return fit()
+    except BaseException:
+        if fresh and lines.started == 0:
+            fs, path = storage.resolve(folder.uri)
+            OutputTree(fs, path, folder.uri).discard([*files, TUNE_DIR, TRIALS_DIR])
+        raise

@@ -16,7 +16,8 @@ and AWS S3 work unchanged: ``AWS_ENDPOINT_URL`` (e.g. ``http://127.0.0.1:8333``;
 ``AWS_DEFAULT_REGION``). A URI with a query string (``s3://b/p?endpoint_override=...``) is handed to
 ``pyarrow.fs.FileSystem.from_uri`` as it is.
 
-Writes that must never be seen half-done go through :func:`write_bytes_atomic`.
+Writes that must never be seen half-done go through :func:`write_bytes_atomic`. Nothing here
+deletes: deletion goes through ``shards.deletion`` (the output's own tree only).
 """
 from __future__ import annotations
 
@@ -24,13 +25,10 @@ import os
 import re
 import uuid
 
-import logging
-
 import pyarrow.fs as pafs
 
-from medbalance.errors import StorageError
-
-logger = logging.getLogger(__name__)
+from medbalance.errors import ConfigError, StorageError
+from shards.deletion import discard_local_temp
 
 
 def is_remote(uri: str) -> bool:
@@ -138,6 +136,32 @@ def exists(fs: pafs.FileSystem, path: str, uri: str | None = None) -> bool:
         raise explain(uri or path, exc, "reach") from exc
 
 
+def check_folder(uri: str, flag: str) -> None:
+    """Refuse a folder argument (``--output``, ``--out``, ``--storage``) that names a file, or lies
+    under one: one line naming the flag and the file, instead of ``NotADirectoryError``.
+
+    Raises:
+        ConfigError: naming the flag and the file.
+    """
+    fs, path = resolve(uri)
+    candidates = [path]
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent = os.path.dirname(path)
+        while parent and parent != candidates[-1]:
+            candidates.append(parent)
+            parent = os.path.dirname(parent)
+    for candidate in candidates:
+        try:
+            kind = fs.get_file_info(candidate).type
+        except OSError as exc:
+            raise explain(uri, exc, "reach") from exc
+        if kind == pafs.FileType.File:
+            what = "is a file" if candidate == path else f"lies under {candidate}, which is a file"
+            raise ConfigError(f"{flag} {uri} {what}, not a folder: give a folder (it is created if missing)")
+        if kind == pafs.FileType.Directory:
+            return
+
+
 def read_bytes(fs: pafs.FileSystem, path: str, uri: str | None = None) -> bytes:
     """Read a whole file."""
     try:
@@ -175,23 +199,9 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, uri: str | N
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+                discard_local_temp(tmp)  # gone after the rename; left only by a failed write
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
     except OSError as exc:
         raise explain(uri or path, exc, "write") from exc
-
-
-def delete_dir(fs: pafs.FileSystem, path: str) -> None:
-    """Delete a directory/prefix and everything under it; missing is fine."""
-    try:
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
-    except OSError:
-        # Object stores have no real directories: delete what is under the prefix.
-        try:
-            fs.delete_dir_contents(path, missing_dir_ok=True)
-        except OSError as exc:
-            logger.warning("could not delete %s (%s); delete it by hand", path, exc)

@@ -4,7 +4,10 @@ Nothing a reader can see changes until :meth:`ShardWriter.publish`: shards go to
 ``shards-<run_id>/`` folder that no manifest names yet; ``publish`` writes ``manifest.json``
 atomically (the one switch-over point) and only then removes the shards of the dataset it
 replaced. :meth:`ShardWriter.abort` removes the new folder, so a failed job leaves the output as
-it found it.
+it found it. Both delete through ``shards.deletion.OutputTree``: only ``shards-*`` folders inside
+the output (symlinks resolved), never a path the old manifest lists that is not relative to it,
+and never what the new manifest or a dataset it includes references (every target is checked
+before the manifest is written, so a refusal leaves the old dataset as it was).
 
 A ``shards-*`` folder that no manifest lists was left by an ingest that was killed (SIGKILL, a
 lost machine) before it could clean up. :func:`unlisted_shard_dirs` finds them; a rerun and
@@ -24,7 +27,9 @@ import pyarrow.parquet as pq
 
 from medbalance.errors import DataError
 from shards import storage
+from shards.deletion import OutputTree, relative_entry
 from shards.image import sha256_hex
+from shards.references import referenced_files
 from shards.schema import EXTRA_COLUMNS, MANIFEST_NAME, SPLITS, WRITE_SCHEMA, Manifest, ShardInfo
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ class ShardWriter:
     def __init__(self, output: str, class_names: list[str], shard_bytes: int = DEFAULT_SHARD_BYTES,
                  overwrite: bool = False):
         self.output = output
+        storage.check_folder(output, "--output")
         self.fs, self.root = storage.resolve(output)
         self.class_names = list(class_names)
         self.shard_bytes = int(shard_bytes)
@@ -172,20 +178,32 @@ class ShardWriter:
             synthetic_counts={s: c for s, c in synthetic.items() if sum(c.values()) > 0},
             references=references,
         )
+        # Check every deletion before the switch-over: a refusal leaves the old dataset as it was.
+        where = f"{storage.join(self.output, MANIFEST_NAME)} (the dataset being replaced)"
+        doomed = self._replaced_dirs(where)
+        tree = OutputTree(self.fs, self.root, self.output)
+        protect = referenced_files(manifest, self.output)
+        for entry in doomed:
+            tree.target(entry, where, protect)
         storage.write_bytes_atomic(self.fs, f"{self.root}/{MANIFEST_NAME}",
                                    manifest.to_json().encode("utf-8"),
                                    storage.join(self.output, MANIFEST_NAME))
-        # Only this dataset's own shard folders: shards it included by reference are never removed.
-        old_dirs = ({s.path.split("/", 1)[0] for s in self.previous.shards if not s.dataset}
-                    if self.previous else set())
-        if self.remove_unlisted:
-            old_dirs |= set(self.unlisted)
-        for old_dir in sorted(old_dirs):
-            # Only folders this format writes: a manifest naming anything else is not obeyed.
-            if old_dir != self.run_dir and old_dir.startswith(SHARD_DIR_PREFIX):
-                storage.delete_dir(self.fs, f"{self.root}/{old_dir}")
+        tree.delete(doomed, where=where, protect=protect)
         return manifest
+
+    def _replaced_dirs(self, where: str) -> list[str]:
+        """Shard folders a publish replaces: the old dataset's own and, with ``--overwrite``,
+        unlisted leftovers. Only ``shards-*`` folders (a manifest naming anything else is not
+        obeyed); shards the old dataset included by reference are never among them.
+
+        Raises:
+            UnsafeDeletion: the old manifest lists a path that is not relative to the dataset.
+        """
+        listed = [relative_entry(s.path, where) for s in (self.previous.shards if self.previous else [])
+                  if not s.dataset]
+        old = {path.split("/", 1)[0] for path in listed} | (set(self.unlisted) if self.remove_unlisted else set())
+        return sorted(d for d in old if d != self.run_dir and d.startswith(SHARD_DIR_PREFIX))
 
     def abort(self) -> None:
         """Remove every shard this writer wrote; the output is left as it was found."""
-        storage.delete_dir(self.fs, f"{self.root}/{self.run_dir}")
+        OutputTree(self.fs, self.root, self.output).discard([self.run_dir])
