@@ -290,6 +290,8 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
     version = f"{VERSION_PREFIX}{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     out_fs, out_path = storage.resolve(output)
     tree = OutputTree(out_fs, out_path, output)
+    for entry in _replaced(previous_files, stale, keep=version):  # a symlink out of --output: refused now
+        tree.target(entry, where=storage.join(output, SUCCESS))
     started = time.perf_counter()
     names = run_as_task(write_predictions, checkpoint, input_uri, split, output, version,
                         image_size=state["config"]["data"]["image_size"], class_names=state["class_names"],
