@@ -6,4 +6,7 @@
 """
 from losses.registry import create_loss, list_losses, register_loss
 
+# Importing the loss files registers their names (as models/ does); nothing else is exported.
+from losses import ce, class_balanced, cws, fafl, focal, ldam, logit_adjusted  # noqa: F401, E402
+
 __all__ = ["create_loss", "list_losses", "register_loss"]

@@ -2,8 +2,9 @@
 
 Losses register with ``@register_loss("name")``. Their constructors take ``class_counts`` first and
 keyword-only hyperparameters with defaults; ``create_loss`` checks the names against the
-constructor and raises ``ConfigError`` listing what is accepted. The loss modules are imported at
-the bottom of this file so that importing ``losses`` fills the registry.
+constructor and raises ``ConfigError`` listing what is accepted. The package ``__init__`` imports
+the loss modules, so importing ``losses`` fills the registry (as ``models`` does); nothing here
+imports a loss module, so there is no import circle.
 """
 from __future__ import annotations
 
@@ -70,6 +71,3 @@ def _get(name: str) -> type[ClassificationLoss]:
         raise ConfigError(f"unknown loss {name!r}. Known losses: {', '.join(list_losses())}.")
     return _LOSSES[name]
 
-
-# Importing the modules registers their losses (kept last: they import register_loss from here).
-from losses import ce, class_balanced, cws, fafl, focal, ldam, logit_adjusted  # noqa: E402,F401

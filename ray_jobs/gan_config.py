@@ -49,6 +49,7 @@ class GanConfig:
     def check(self) -> None:
         """Refuse values that cannot work, before Ray starts."""
         from gan.generator import check_image_size
+        from ray_jobs.amp import AMP_MODES
         from gan.sampling import BN_MODES
         from gan.train_step import OPTIMIZERS
 
@@ -62,6 +63,8 @@ class GanConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; use one of {OPTIMIZERS}")
         if self.sample_bn_mode not in BN_MODES:
             raise ConfigError(f"unknown sample_bn_mode {self.sample_bn_mode!r}; use one of {BN_MODES}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.concurrent < 0:
             raise ConfigError(f"concurrent must be >= 0 (0: as many as fit), got {self.concurrent}")
         self._check_ranges()
