@@ -29,7 +29,7 @@ def start_local_ray(num_cpus: int) -> None:
     import ray
     import ray.data
 
-    from ray_jobs.ray_runtime import LOCAL_RAY_SYSTEM_CONFIG
+    from ray_jobs.runtime.ray_setup import LOCAL_RAY_SYSTEM_CONFIG
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, _system_config=LOCAL_RAY_SYSTEM_CONFIG)

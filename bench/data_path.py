@@ -7,14 +7,14 @@
 The same images are prepared two ways in a temp dir: a shard dataset (``shards.ingest``, every
 image in the train split) and an ImageFolder tree (an image folder is used as it is; an npz's
 train split is written out as PNGs first). Both sides decode (PIL), augment with the same
-transform (``ray_jobs.data.build_transform(--augment, --image-size, train=True)`` on uint8
+transform (``ray_jobs.classifier.pipeline.build_transform(--augment, --image-size, train=True)`` on uint8
 tensors) and deliver uint8 batches of ``--batch-size``, with ``--workers`` parallel workers:
 
-* **ray**: the job's own train pipeline, ``ray_jobs.data.build_dataset(cfg, manifest, "train")``
+* **ray**: the job's own train pipeline, ``ray_jobs.classifier.pipeline.build_dataset(cfg, manifest, "train")``
   (``shards.ray_dataset`` -> streaming repartition into blocks of ``--block-rows`` rows -> the
   encoded blocks cached in the object store -> ``randomize_block_order`` ->
   ``map_batches(preprocess_batch)``, one task per block), on a local Ray of ``workers`` CPUs with
-  the job's embedded-Ray settings (``ray_jobs.ray_runtime.LOCAL_RAY_SYSTEM_CONFIG``), read with
+  the job's embedded-Ray settings (``ray_jobs.runtime.ray_setup.LOCAL_RAY_SYSTEM_CONFIG``), read with
   ``iter_torch_batches`` as the training worker reads it (how many map tasks an epoch got is
   printed);
 * **dataloader**: ``torchvision.datasets.ImageFolder`` (PIL loader, ``v2.PILToTensor``, the
@@ -49,8 +49,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from models import create_model
-from ray_jobs.config import DataSection, TrainConfig
-from ray_jobs.data import build_dataset, build_transform, normalize
+from ray_jobs.classifier.config import DataSection, TrainConfig
+from ray_jobs.classifier.pipeline import build_dataset, build_transform, normalize
 from shards import ingest, read_manifest
 
 GOAL = 1.0
@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=DEFAULT_DATA, help="ImageFolder-style folder or MedMNIST npz")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--augment", default="adsr", help="ray_jobs.data augment preset")
+    p.add_argument("--augment", default="adsr", help="ray_jobs.classifier.pipeline augment preset")
     p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers = Ray Data CPUs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=5, help="timed epochs per side (plus one warm-up)")
@@ -86,7 +86,7 @@ def npz_to_folder(npz_path: str, root: Path) -> Path:
 
 
 def ray_pipeline(uri: str, args: argparse.Namespace):
-    """The job's train pipeline: ``ray_jobs.data.build_dataset(cfg, manifest, "train")``."""
+    """The job's train pipeline: ``ray_jobs.classifier.pipeline.build_dataset(cfg, manifest, "train")``."""
     cfg = TrainConfig(data=DataSection(uri=uri, image_size=args.image_size, augment=args.augment,
                                        batch_size=args.batch_size, block_rows=args.block_rows))
     return build_dataset(cfg, read_manifest(uri), "train")

@@ -11,7 +11,7 @@ iterations:
 * **plain**: ``gan.train_step.GanStep`` without any wrapper, in a fresh process (spawned, so its
   peak RSS is its own), on the class's images decoded and resized beforehand; the same
   ``ClassSampler`` and ``real_batch`` as the job. Timed: the iterations after ``--warmup``.
-* **ray N**: ``ray_jobs.gan_driver.fit_classes`` (the real job: Ray Data read/filter/decode of
+* **ray N**: ``ray_jobs.gcgan.driver.fit_classes`` (the real job: Ray Data read/filter/decode of
   the class, ``TorchTrainer``, DDP on N workers, the non-finite agreement each step) with N = 1
   and 2 workers of ``--threads`` CPUs each. The numbers are the workers' own: rank 0's
   ``iterations_per_s`` over the iterations after the warm-up checkpoint (checkpointing and the
@@ -58,9 +58,9 @@ def _plain(args: dict, queue) -> None:
     import torch
 
     from gan import Discriminator, GanStep, Generator, ReconstructionLoss, real_batch
-    from ray_jobs.amp import amp_dtype
-    from ray_jobs.gan_worker import ClassSampler, peak_memory
-    from ray_jobs.seeding import seed_everything
+    from ray_jobs.gcgan.worker import ClassSampler, peak_memory
+    from ray_jobs.runtime.amp import amp_dtype
+    from ray_jobs.runtime.seeding import seed_everything
 
     torch.set_num_threads(args["threads"])
     seed_everything(0)
@@ -97,9 +97,9 @@ def run_plain(args, size: int, images_file: str) -> tuple[float, float]:
 
 
 def run_ray(args, size: int, workers: int, data: str, storage: str) -> tuple[float, float]:
-    from ray_jobs import config as config_lib
-    from ray_jobs.gan_config import GanConfig
-    from ray_jobs.gan_driver import fit_classes
+    from ray_jobs.gcgan.config import GanConfig
+    from ray_jobs.gcgan.driver import fit_classes
+    from ray_jobs.runtime import configs as config_lib
 
     cfg = config_lib.from_dict(GanConfig, dict(
         data=data, storage=storage, name=f"s{size}-w{workers}", classes=args.class_name, image_size=size,
@@ -115,7 +115,7 @@ def class_images(data: str, class_name: str, size: int, out_file: str) -> int:
     """Decode and resize the class's train images as the job does; save them for the plain side."""
     import torch
 
-    from ray_jobs.data import build_transform
+    from ray_jobs.classifier.pipeline import build_transform
     from shards import ShardDataset
 
     ds = ShardDataset(data, "train", transform=build_transform("none", size, train=False), include_synthetic=False)

@@ -3,7 +3,7 @@
     python bench/sweep_efficiency.py                          # 6 trials x 4 epochs each arm, 28 px
     python bench/sweep_efficiency.py --trials 12 --epochs 8 --image-size 32 --json runs/bench/sweep.json
 
-Both arms run ``ray_jobs.sweep.sweep`` (the real job: Tune trials that fit ``ray_jobs.train``'s loop
+Both arms run ``ray_jobs.sweeps.search.sweep`` (the real job: Tune trials that fit ``ray_jobs.train``'s loop
 on the bundled RetinaMNIST, ingested into a temp dir) over the same search space
 (``configs/sweep-cws.yaml``: CWS weight log-uniform 0.01-10, learning rate log-uniform 0.005-0.2),
 the same base config (``--model``, ``--epochs``, ``--image-size``, 1 worker per trial, training
@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def arm(name: str, data: str, storage: str, args, search: str, scheduler: str) -> dict:
-    from ray_jobs import config as config_lib
-    from ray_jobs.config import SweepConfig
-    from ray_jobs.sweep import sweep
+    from ray_jobs.runtime import configs as config_lib
+    from ray_jobs.sweeps.config import SweepConfig
+    from ray_jobs.sweeps.search import sweep
 
     cfg = config_lib.load_config(SweepConfig, str(REPO / "configs" / "sweep-cws.yaml"), [
         f"name={name}", f"storage={storage}", f"trials={args.trials}", f"seed={args.seed}", f"search={search}",
@@ -78,7 +78,7 @@ def main() -> int:
     os.environ.setdefault("RAY_TMPDIR", "/tmp/mbray-bench")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     Path(os.environ["RAY_TMPDIR"]).mkdir(parents=True, exist_ok=True)
-    from ray_jobs.ray_runtime import configure_logging
+    from ray_jobs.runtime.ray_setup import configure_logging
 
     configure_logging(verbose=False)
     from shards import ingest

@@ -12,7 +12,7 @@ number of torch threads, for the same number of epochs over the same train split
   beforehand (uint8 tensors in memory, shuffled each epoch). Timed per epoch: slicing the batch,
   ``normalize``, forward, loss, finite check, backward, optimizer and scheduler step. This runs
   first, before Ray is started.
-* **ray**: ``ray_jobs.train.fit`` (the real job: ``TorchTrainer`` around ``train_loop_per_worker``,
+* **ray**: ``ray_jobs.classifier.driver.fit`` (the real job: ``TorchTrainer`` around ``train_loop_per_worker``,
   the Ray Data pipeline of ``build_datasets``) with 1 worker holding ``--threads`` CPUs
   (``cpus_per_worker``, so the worker calls ``torch.set_num_threads(threads)``) on a local Ray of
   ``threads + 1`` CPUs (the extra CPU runs the Ray Data read/decode/resize tasks: DESIGN 5).
@@ -44,13 +44,13 @@ import torch
 from losses import create_loss
 from medbalance.errors import TrainingError
 from models import create_model
-from ray_jobs.checkpoint import load_checkpoint
-from ray_jobs.config import from_dict, to_dict
-from ray_jobs.config import DataSection, TrainConfig
-from ray_jobs.data import build_datasets, build_transform, normalize
-from ray_jobs.optim import build_optimizer, lr_factor
-from ray_jobs.seeding import seed_everything
-from ray_jobs.train import fit
+from ray_jobs.classifier.config import DataSection, TrainConfig
+from ray_jobs.classifier.driver import fit
+from ray_jobs.classifier.optim import build_optimizer, lr_factor
+from ray_jobs.classifier.pipeline import build_datasets, build_transform, normalize
+from ray_jobs.runtime.checkpoint import load_checkpoint
+from ray_jobs.runtime.configs import from_dict, to_dict
+from ray_jobs.runtime.seeding import seed_everything
 from shards import ShardDataset, ingest, read_manifest
 
 GOAL = 0.90

@@ -1,6 +1,6 @@
 """One GCGAN training iteration (D step, then G step, then EMA), in plain PyTorch.
 
-The training job's workers (``ray_jobs/gan_worker.py``), the benchmark's plain-PyTorch side and the
+The training job's workers (``ray_jobs/gcgan/worker.py``), the benchmark's plain-PyTorch side and the
 DDP test all run this same step; only ``wrap`` differs (Ray Train's ``prepare_model``, nothing,
 or ``DistributedDataParallel``). One iteration, as the authors' ``train.py``:
 

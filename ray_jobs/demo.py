@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ray_jobs.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_verbose_flag, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     from metrics.report import format_table
     from medbalance.errors import DataError
-    from ray_jobs import config as config_lib
-    from ray_jobs.evaluate import evaluate
-    from ray_jobs.train import TrainConfig, fit
+    from ray_jobs.classifier.config import TrainConfig
+    from ray_jobs.classifier.driver import fit
+    from ray_jobs.classifier.evaluation import evaluate
+    from ray_jobs.runtime import configs as config_lib
     from shards import ingest, read_manifest, summary_table
     from shards.storage import join
 

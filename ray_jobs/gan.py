@@ -7,13 +7,13 @@
     python -m ray_jobs.gan quality --data runs/data/bccd-gan30 --classifier runs/r18 \\
         --out runs/gan-bccd/quality     # or --extractor FEATURES.pt
 
-``train``: one Ray Train DDP run per class (``ray_jobs/gan_driver.py``, worker loop in
-``ray_jobs/gan_worker.py``), several classes at once when the cluster has room; checkpoints and
+``train``: one Ray Train DDP run per class (``ray_jobs/gcgan/driver.py``, worker loop in
+``ray_jobs/gcgan/worker.py``), several classes at once when the cluster has room; checkpoints and
 sample grids every ``--checkpoint-every`` iterations; ``<storage>/<name>/result.json`` names each
 class's checkpoint. A rerun with the same storage and name resumes.
 ``synthesize``: the EMA generators write synthetic train rows into a NEW dataset version whose
-manifest includes the real shards by reference (``ray_jobs/gan_synthesize.py``).
-``quality``: FID, KID and nearest-real-neighbour distances per class (``ray_jobs/gan_quality.py``).
+manifest includes the real shards by reference (``ray_jobs/gcgan/synthesize.py``).
+``quality``: FID, KID and nearest-real-neighbour distances per class (``ray_jobs/gcgan/quality_report.py``).
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import argparse
 import json
 import sys
 
-from ray_jobs import config as config_lib
-from ray_jobs.cli import add_run_flags, add_verbose_flag, run_main
-from ray_jobs.gan_config import GanConfig
-from ray_jobs.run_dir import RESULT_FILE
+from ray_jobs.gcgan.config import GanConfig
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.cli import add_run_flags, add_verbose_flag, run_main
+from ray_jobs.runtime.run_dir import RESULT_FILE
 from shards import storage
 
 PRESETS = {"add15": 15, "add30": 30, "add45": 45, "add60": 60}  # the DIM paper's "Add15/30/45/60"
@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> GanConfig:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.command == "train":
-        from ray_jobs.gan_driver import fit_classes
+        from ray_jobs.gcgan.driver import fit_classes
 
         cfg = config_from_args(args)
         summary = fit_classes(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                           "reconstruction_loss": summary["reconstruction_loss"]}, indent=2))
         print(f"result: {storage.join(cfg.storage, cfg.name, RESULT_FILE)}")
     elif args.command == "synthesize":
-        from ray_jobs.gan_synthesize import synthesize
+        from ray_jobs.gcgan.synthesize import synthesize
 
         per_class = PRESETS[args.preset] if args.preset else args.per_class
         manifest = synthesize(args.checkpoint, args.output, per_class=per_class, balance=args.balance,
@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dataset version {args.output}: synthetic train images per class {added}; real shards "
               f"included by reference from {', '.join(r['uri'] for r in manifest.references)}")
     else:
-        from ray_jobs.gan_quality import quality
+        from ray_jobs.gcgan.quality_report import quality
 
         report = quality(args.data, args.out, extractor=args.extractor, classifier=args.classifier,
                          classes=args.classes, image_size=args.image_size, pixel_size=args.pixel_size,
                          pairs=args.pairs)
-        from ray_jobs.gan_quality import format_report
+        from ray_jobs.gcgan.quality_report import format_report
 
         print(format_report(report))
         print(f"report: {storage.join(args.out, 'quality.json')}")

@@ -22,7 +22,7 @@ import argparse
 import sys
 import time
 
-from ray_jobs.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_verbose_flag, run_main
 from shards import ingest, summary_table, verify
 
 

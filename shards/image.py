@@ -9,7 +9,7 @@ Two kinds of image (see ``shards/intensity.py``):
   was), other int and float values as a float32 TIFF, DICOM as its stored values plus the row's
   ``pixel_map`` (``shards/dicom.py``). Decoded to float32 values, then windowed to [0, 1] by the
   dataset's window (``--window``, recorded in the manifest): the training pipeline keeps 16 bits of
-  that (``ray_jobs.data``), the uint8 readers 8.
+  that (``ray_jobs.classifier.pipeline``), the uint8 readers 8.
 
 Why lossless 16-bit rather than windowing to 8 bits at ingest: the window is a modelling choice
 (and a dataset window is only known once every train image has been read); the stored pixels stay

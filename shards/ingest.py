@@ -400,7 +400,7 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
             "medbalance_version": medbalance.__version__,
             "seconds": round(time.perf_counter() - started, 3),
         }, intensity=intensity, pixel_stats=pixel_stats)
-    except BaseException:  # also KeyboardInterrupt and SIGTERM (ray_jobs.cli): leave nothing behind
+    except BaseException:  # also KeyboardInterrupt and SIGTERM (ray_jobs.runtime.cli): leave nothing behind
         stop_pool(pool)
         writer.abort()
         raise

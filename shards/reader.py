@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from medbalance.errors import DataError, StorageError
 from shards import storage
 from shards.image import decode_image, read_pixels, sha256_hex, to_chw
-from shards.schema import MANIFEST_NAME, Manifest, ShardInfo
+from shards.schema import MANIFEST_NAME, Manifest, ShardInfo, unlisted_shard_dirs
 
 
 def read_manifest(uri: str) -> Manifest:
@@ -230,7 +230,6 @@ def verify(uri: str) -> VerifyReport:
                             "decodes, so the damage is outside the image bytes); re-create the dataset")
         total_rows += table.num_rows
         total_bytes += len(data)
-    from shards.writer import unlisted_shard_dirs
 
     return VerifyReport(shards=len(manifest.shards), rows=total_rows, bytes=total_bytes,
                         unlisted_dirs=unlisted_shard_dirs(fs, root, manifest))

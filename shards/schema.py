@@ -59,6 +59,7 @@ import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from medbalance.errors import DataError
 
@@ -217,3 +218,17 @@ class Manifest:
             if split != "train" and sum(per.values()):
                 raise DataError(f"{where}: synthetic_counts has {sum(per.values())} rows in {split!r}; synthetic "
                                 "images may only be in train")
+
+
+SHARD_DIR_PREFIX = "shards-"   # every folder of shards a writer makes: shards-<time>-<id>/
+
+
+def unlisted_shard_dirs(fs: pafs.FileSystem, root: str, manifest: Manifest | None) -> list[str]:
+    """Names of ``shards-*`` folders under ``root`` that ``manifest`` does not list."""
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    except OSError:
+        return []
+    listed = {s.path.split("/", 1)[0] for s in manifest.shards if not s.dataset} if manifest else set()
+    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
+                  and e.base_name.startswith(SHARD_DIR_PREFIX) and e.base_name not in listed)

@@ -205,3 +205,12 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes, uri: str | N
                 f.write(data)
     except OSError as exc:
         raise explain(uri or path, exc, "write") from exc
+
+
+def copy_dir(local_dir: str, out_uri: str) -> None:
+    """Copy a local folder's files to a storage URI (each file written atomically)."""
+    fs, root = resolve(out_uri)
+    ensure_dir(fs, root, out_uri)
+    for name in sorted(os.listdir(local_dir)):
+        with open(os.path.join(local_dir, name), "rb") as f:
+            write_bytes_atomic(fs, f"{root}/{name}", f.read(), join(out_uri, name))

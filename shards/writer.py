@@ -22,7 +22,6 @@ import logging
 import uuid
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from medbalance.errors import DataError
@@ -30,24 +29,13 @@ from shards import storage
 from shards.deletion import OutputTree, relative_entry
 from shards.image import sha256_hex
 from shards.references import referenced_files
-from shards.schema import EXTRA_COLUMNS, MANIFEST_NAME, SPLITS, WRITE_SCHEMA, Manifest, ShardInfo
+from shards.schema import (EXTRA_COLUMNS, MANIFEST_NAME, SHARD_DIR_PREFIX, SPLITS, WRITE_SCHEMA, Manifest,
+                           ShardInfo, unlisted_shard_dirs)
 
 logger = logging.getLogger(__name__)
 
-SHARD_DIR_PREFIX = "shards-"
 DEFAULT_SHARD_BYTES = 128 * 1024 * 1024
 ROW_GROUP_BYTES = 16 * 1024 * 1024
-
-
-def unlisted_shard_dirs(fs: pafs.FileSystem, root: str, manifest: Manifest | None) -> list[str]:
-    """Names of ``shards-*`` folders under ``root`` that ``manifest`` does not list."""
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
-    except OSError:
-        return []
-    listed = {s.path.split("/", 1)[0] for s in manifest.shards if not s.dataset} if manifest else set()
-    return sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
-                  and e.base_name.startswith(SHARD_DIR_PREFIX) and e.base_name not in listed)
 
 
 class ShardWriter:

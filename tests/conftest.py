@@ -210,7 +210,7 @@ def kill_driver_when(cmd: list[str], env: dict, log_path: Path, ready, what: str
 
 def kill_driver_after_checkpoint(cmd: list[str], env: dict, run_folder: Path, log_path: Path) -> None:
     """:func:`kill_driver_when` ``run_folder`` holds a complete checkpoint (``checkpoint.is_complete``)."""
-    from ray_jobs.checkpoint import is_complete
+    from ray_jobs.runtime.checkpoint import is_complete
 
     kill_driver_when(cmd, env, log_path, lambda: any(is_complete(str(p)) for p in run_folder.glob("checkpoint_*")),
                      "checkpoint")
@@ -247,7 +247,7 @@ def ray_cluster(s3_server, tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, **s3_env(s3_server), "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": address}
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    from ray_jobs.ray_runtime import LOCAL_RAY_SYSTEM_CONFIG  # the embedded Ray's settings, here too
+    from ray_jobs.runtime.ray_setup import LOCAL_RAY_SYSTEM_CONFIG  # the embedded Ray's settings, here too
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            f"--num-cpus={os.environ.get('MEDBALANCE_TEST_CPUS', '2')}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp}",

@@ -25,8 +25,9 @@ import yaml
 from PIL import Image
 
 from medbalance.errors import ConfigError
-from ray_jobs.checkpoint import save_checkpoint
-from ray_jobs.config import DataSection, TrainConfig, to_dict
+from ray_jobs.classifier.config import DataSection, TrainConfig
+from ray_jobs.runtime.checkpoint import save_checkpoint
+from ray_jobs.runtime.configs import to_dict
 from shards import ingest, read_manifest, verify
 from shards.deletion import OutputTree, UnsafeDeletion, check_outside, location, relative_entry
 from shards.references import included_datasets, referenced_files
@@ -181,7 +182,7 @@ def test_ingest_overwrite_never_follows_a_shard_folder_symlink_out(tiny_npz, bas
 
 # ----------------------------------------------------------------------------- gan synthesize
 def test_synthesize_refuses_to_overwrite_a_dataset_its_version_includes(gan_checkpoint, base, tmp_path):
-    from ray_jobs.gan_synthesize import synthesize
+    from ray_jobs.gcgan.synthesize import synthesize
 
     v1 = tmp_path / "v1"
     synthesize(gan_checkpoint, str(v1), per_class=2, data=str(base))
@@ -205,7 +206,7 @@ def test_synthesize_refuses_to_overwrite_a_dataset_its_version_includes(gan_chec
 @pytest.mark.parametrize("entry", ["../victim/x", "ABSOLUTE", "predictions-link/part.parquet"])
 def test_predict_overwrite_refuses_success_entries_out_of_the_output(ray_cluster, classifier_checkpoint,
                                                                      tmp_path, entry):
-    from ray_jobs.predict import predict
+    from ray_jobs.classifier.prediction import predict
 
     images = tmp_path / "images"
     images.mkdir()
@@ -242,9 +243,9 @@ def test_a_file_given_as_a_folder_is_one_line(classifier_checkpoint, tiny_npz, b
 
 
 def test_gan_train_and_quality_refuse_a_file_as_folder(base, tmp_path):
-    from ray_jobs.gan_config import GanConfig
-    from ray_jobs.gan_driver import fit_classes
-    from ray_jobs.gan_quality import quality
+    from ray_jobs.gcgan.config import GanConfig
+    from ray_jobs.gcgan.driver import fit_classes
+    from ray_jobs.gcgan.quality_report import quality
 
     afile = tmp_path / "a-file"
     afile.write_text("mine")
@@ -258,7 +259,7 @@ def test_gan_train_and_quality_refuse_a_file_as_folder(base, tmp_path):
 @pytest.mark.parametrize("key, value", [("nz", 0), ("lr", -0.1), ("lr", 5.0), ("ema_decay", 1.5),
                                         ("keep_checkpoints", 0), ("cpus_per_worker", 0.0), ("seed", -1)])
 def test_gan_config_ranges(key, value):
-    from ray_jobs.gan_config import GanConfig
+    from ray_jobs.gcgan.config import GanConfig
 
     with pytest.raises(ConfigError, match=f"{key} must be"):
         GanConfig(data="runs/data/x", **{key: value}).check()
@@ -278,9 +279,10 @@ def test_compare_refuses_method_names_that_share_a_folder(base, tmp_path):
 
 
 def test_compare_checks_each_trial_config_before_the_table(base, tmp_path):
-    from ray_jobs import compare, tuning
-    from ray_jobs.config import CompareConfig
-    from ray_jobs.run_dir import RunDir
+    from ray_jobs.runtime.run_dir import RunDir
+    from ray_jobs.sweeps import comparison as compare
+    from ray_jobs.sweeps import tuning
+    from ray_jobs.sweeps.config import CompareConfig
 
     cfg = CompareConfig(methods={"ce": {"loss": "ce"}, "fafl": {"loss": "fafl"}}, seeds=[0],
                         storage=str(tmp_path), name="c")
@@ -360,7 +362,7 @@ def test_a_sampler_error_ends_the_sweep_with_one_line_and_leaves_nothing(ray_clu
               "def boom(*a, **k):\n    raise ValueError('sampler exploded')\n"
               "optuna.samplers.TPESampler.sample_relative = boom\n"
               "optuna.samplers.TPESampler.sample_independent = boom\n"
-              "from ray_jobs.cli import run_main\nfrom ray_jobs.sweep import main\n"
+              "from ray_jobs.runtime.cli import run_main\nfrom ray_jobs.sweep import main\n"
               "sys.exit(run_main(main))\n")
     env = {k: v for k, v in os.environ.items()}
     env["RAY_ADDRESS"] = ray_cluster["address"]
@@ -372,7 +374,7 @@ def test_a_sampler_error_ends_the_sweep_with_one_line_and_leaves_nothing(ray_clu
 
 
 def test_ray_startup_timeout_is_one_line_with_advice():
-    from ray_jobs.ray_runtime import start_failure
+    from ray_jobs.runtime.ray_setup import start_failure
 
     problem = start_failure(Exception("The current node timed out during startup. This could happen because "
                                       "some of the raylet failed to startup"), None)

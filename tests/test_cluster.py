@@ -178,7 +178,7 @@ def test_two_node_training_with_data_and_checkpoints_on_s3(cluster, data, monkey
     assert result["epochs"] == 2 and result["best_checkpoint"].startswith(f"{runs}/spread/checkpoint_")
     for key, value in s3.env().items():  # this process reads the cluster's S3 server as the jobs do
         monkeypatch.setenv(key, value)
-    from ray_jobs.checkpoint import load_checkpoint
+    from ray_jobs.runtime.checkpoint import load_checkpoint
     assert load_checkpoint(result["best_checkpoint"])["epoch"] in (0, 1)
     nodes = {w["node_id"] for w in result["worker_nodes"]}
     assert len(result["worker_nodes"]) == 2 and len(nodes) == 2, result["worker_nodes"]  # both nodes trained

@@ -1,4 +1,4 @@
-"""Typed config values (ray_jobs.config + config_checks), the paper presets and the authors' schedule.
+"""Typed config values (ray_jobs.classifier.config, runtime.configs + runtime.config_checks), the paper presets and the authors' schedule.
 
 Every bad value is a ConfigError naming the key, the value and where it came from, raised while the
 config is built: through the CLI that is exit status 2 before Ray starts.
@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from medbalance.errors import ConfigError
-from ray_jobs import config as config_lib
-from ray_jobs.cli import run_main
-from ray_jobs.config import OptimSection, TrainConfig
-from ray_jobs.optim import lr_factor
+from ray_jobs.classifier.config import OptimSection, TrainConfig
+from ray_jobs.classifier.optim import lr_factor
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.cli import run_main
 from ray_jobs.train import config_from_args, get_args_parser
 
 from conftest import REPO
@@ -87,9 +87,9 @@ def test_yaml_values_are_checked_and_name_their_file(tmp_path):
 
 def test_every_preset_and_the_defaults_are_accepted():
     assert config_lib.from_dict(TrainConfig, {}) == TrainConfig()
-    from ray_jobs.config import CompareConfig, SweepConfig
-    from ray_jobs.gan_config import GanConfig
-    from ray_jobs.search_space import parse_space
+    from ray_jobs.gcgan.config import GanConfig
+    from ray_jobs.sweeps.config import CompareConfig, SweepConfig
+    from ray_jobs.sweeps.search_space import parse_space
 
     kinds = {"sweep-": SweepConfig, "compare-": CompareConfig, "gcgan": GanConfig}
     for path in sorted(CONFIGS.glob("*.yaml")):

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from medbalance.errors import ConfigError
-from ray_jobs.data import build_transform, preprocess_batch, sampling_rates
-from ray_jobs.train import DataSection, TrainConfig, build_dataset
+from ray_jobs.classifier.config import DataSection, TrainConfig
+from ray_jobs.classifier.pipeline import build_transform, preprocess_batch, sampling_rates
+from ray_jobs.classifier.pipeline import build_dataset
 from shards import ingest, read_manifest
 
 

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from medbalance.errors import DataError
-from ray_jobs.cli import run_main
-from ray_jobs.data import InputSpec, normalize, preprocess_batch
+from ray_jobs.classifier.pipeline import InputSpec, normalize, preprocess_batch
+from ray_jobs.runtime.cli import run_main
 from shards import ShardDataset, ingest, read_manifest, verify
 from shards.image import decode_image
 
@@ -333,10 +333,11 @@ def test_old_datasets_without_the_new_columns_still_read(tmp_path, retina_npz):
 def test_grey_dicom_trains_on_one_channel_and_predict_prepares_originals_alike(ray_cluster, dicom_folder, tmp_path):
     """in_chans=1, 16-bit batches, dataset mean/std, through Ray Train; then predict on the original
     .dcm files gives the same probabilities as predict on the shards (same window, channels, norm)."""
-    from ray_jobs import config as config_lib
-    from ray_jobs.checkpoint import load_checkpoint
-    from ray_jobs.predict import predict, read_predictions
-    from ray_jobs.train import TrainConfig, fit
+    from ray_jobs.classifier.config import TrainConfig
+    from ray_jobs.classifier.driver import fit
+    from ray_jobs.classifier.prediction import predict, read_predictions
+    from ray_jobs.runtime import configs as config_lib
+    from ray_jobs.runtime.checkpoint import load_checkpoint
 
     root, _ = dicom_folder
     uri = str(tmp_path / "ds")

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO
 
-# Ray lines a user cannot act on (ray_jobs.ray_runtime silences them with Ray's own settings).
+# Ray lines a user cannot act on (ray_jobs.runtime.ray_setup silences them with Ray's own settings).
 SUPPRESSED = (
     "Token authentication is enabled",
     "constructor arguments in the object store",

@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from medbalance.errors import ConfigError, DataError, TrainingError
-from ray_jobs import config as config_lib
-from ray_jobs.checkpoint import load_checkpoint
-from ray_jobs.gan_config import GanConfig
-from ray_jobs.gan_driver import fit_classes, resolve_classes
-from ray_jobs.run_dir import RunDir
+from ray_jobs.gcgan.config import GanConfig
+from ray_jobs.gcgan.driver import fit_classes, resolve_classes
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.checkpoint import load_checkpoint
+from ray_jobs.runtime.run_dir import RunDir
 from shards import ShardDataset, ingest, read_manifest, verify
 from shards.image import encode_array_png, sha256_hex
 from shards.schema import MANIFEST_NAME, SCHEMA
@@ -126,10 +126,11 @@ def test_killed_driver_resumes_and_a_nan_stops_naming_the_iteration(ray_cluster,
 # ----------------------------------------------------------------------------- synthesis -> dataset version
 @pytest.mark.ray
 def test_synthesize_a_version_that_verify_accepts_and_training_reads(gan_run, bccd, tmp_path):
-    from ray_jobs.evaluate import evaluate
+    from ray_jobs.classifier.config import TrainConfig
+    from ray_jobs.classifier.driver import fit
+    from ray_jobs.classifier.evaluation import evaluate
     from ray_jobs.gan import main as gan_main
-    from ray_jobs.gan_quality import quality
-    from ray_jobs.train import TrainConfig, fit
+    from ray_jobs.gcgan.quality_report import quality
 
     before = tree_digest(bccd)
     version = str(tmp_path / "bccd-gan")

@@ -21,7 +21,7 @@ from gan.gc_block import GCA, GCBlock
 from gan.generator import generator_gc_pairs
 from gan.losses import d_fake_hinge, d_real_hinge, g_hinge
 from medbalance.errors import ConfigError
-from ray_jobs.gan_worker import ClassSampler
+from ray_jobs.gcgan.worker import ClassSampler
 
 
 @pytest.fixture(autouse=True)

@@ -24,9 +24,10 @@ import pytest
 from PIL import Image
 
 from medbalance.errors import ConfigError, DataError, StorageError
-from ray_jobs.checkpoint import save_checkpoint
-from ray_jobs.config import DataSection, TrainConfig, to_dict
-from ray_jobs.run_dir import RunDir
+from ray_jobs.classifier.config import DataSection, TrainConfig
+from ray_jobs.runtime.checkpoint import save_checkpoint
+from ray_jobs.runtime.configs import to_dict
+from ray_jobs.runtime.run_dir import RunDir
 from shards import ingest, read_manifest, storage
 
 from conftest import PLANTED_KEY, PLANTED_SECRET, REPO, stop_process_group
@@ -133,7 +134,7 @@ def flip_first_image_byte(uri: str, split: str = "train") -> str:
 
 @pytest.mark.ray
 def test_predict_overwrite_onto_its_own_input_deletes_nothing(ray_cluster, checkpoint, tmp_path):
-    from ray_jobs.predict import predict
+    from ray_jobs.classifier.prediction import predict
 
     images = image_folder(tmp_path / "images", 3)
     (images / "notes.txt").write_text("not an image, not ours to delete")
@@ -146,7 +147,7 @@ def test_predict_overwrite_onto_its_own_input_deletes_nothing(ray_cluster, check
 
 @pytest.mark.ray
 def test_predict_overwrite_never_deletes_a_foreign_folder(ray_cluster, checkpoint, tmp_path):
-    from ray_jobs.predict import predict
+    from ray_jobs.classifier.prediction import predict
 
     images = image_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
@@ -159,7 +160,7 @@ def test_predict_overwrite_never_deletes_a_foreign_folder(ray_cluster, checkpoin
 
 @pytest.mark.ray
 def test_failing_overwrite_keeps_the_previous_predictions(ray_cluster, checkpoint, tmp_path):
-    from ray_jobs.predict import SUCCESS, predict, read_predictions
+    from ray_jobs.classifier.prediction import SUCCESS, predict, read_predictions
 
     out = tmp_path / "preds"
     first = predict(checkpoint, str(image_folder(tmp_path / "a", 3)), str(out))
@@ -373,7 +374,7 @@ def test_a_checkpoint_cut_off_mid_copy_is_passed_over_on_resume(request, tmp_pat
     checkpoint.pt; resuming takes the newest whole one and says which it passed over."""
     import torch
 
-    from ray_jobs.checkpoint import is_complete, load_checkpoint
+    from ray_jobs.runtime.checkpoint import is_complete, load_checkpoint
 
     root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path / "runs")
     local = tmp_path / "local"
@@ -466,7 +467,7 @@ def test_missing_or_truncated_shard_fails_before_ray(dataset, checkpoint, tmp_pa
 
 @pytest.mark.ray
 def test_flipped_byte_stops_training_once_naming_the_shard(ray_cluster, dataset, tmp_path):
-    from ray_jobs.train import fit
+    from ray_jobs.classifier.driver import fit
 
     shard = _damage(dataset, "flipped")
     starts = tmp_path / "starts"
@@ -484,8 +485,8 @@ def test_flipped_byte_stops_training_once_naming_the_shard(ray_cluster, dataset,
 
 @pytest.mark.ray
 def test_flipped_byte_in_evaluate_and_predict_names_the_shard(ray_cluster, dataset, checkpoint, tmp_path):
-    from ray_jobs.evaluate import evaluate
-    from ray_jobs.predict import predict
+    from ray_jobs.classifier.evaluation import evaluate
+    from ray_jobs.classifier.prediction import predict
 
     shard = _damage(dataset, "flipped")
     with pytest.raises(DataError) as info:

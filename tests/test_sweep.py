@@ -23,10 +23,11 @@ import yaml
 
 from medbalance.errors import ConfigError
 from metrics.comparison import paired_difference, summarize, to_markdown
-from ray_jobs import config as config_lib
-from ray_jobs.config import SweepConfig, TrainConfig
+from ray_jobs.classifier.config import TrainConfig
 from ray_jobs.resources import TRIAL_DRIVER_CPUS, plan_cpus, plan_trials
-from ray_jobs.search_space import parse_space
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.sweeps.config import SweepConfig
+from ray_jobs.sweeps.search_space import parse_space
 from shards import ingest
 
 from conftest import REPO, kill_driver_when, run_ray_job_submit
@@ -71,7 +72,7 @@ def write_sweep(path: Path, data: str, **over) -> str:
                                   {"optim.lr": bad, "fault_injection.nan_epoch": -1}],
            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
            "base": {**BASE, "data": {**BASE["data"], "uri": data}}}
-    config_lib._merge(doc, over)
+    config_lib.merge(doc, over)
     path.write_text(yaml.safe_dump(doc))
     return str(path)
 
@@ -231,7 +232,7 @@ def test_sweep_killed_resumed_through_job_submit(ray_cluster, colour_data, tmp_p
     assert "trial_id" in out and "stopped early" in out  # the table was printed
 
     # best_config.yaml is a training config as it is (here shortened to one epoch).
-    from ray_jobs.train import fit
+    from ray_jobs.classifier.driver import fit
     best = config_lib.load_config(TrainConfig, str(runs / "s" / "best_config.yaml"), ["epochs=1", "name=best-run"])
     assert best.optim.lr == pytest.approx(float(done["optim.lr"]))
     summary = fit(best, resume="fresh")

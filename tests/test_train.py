@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from medbalance.errors import ConfigError, TrainingError
-from ray_jobs import config as config_lib
-from ray_jobs.checkpoint import load_checkpoint, model_from_checkpoint
-from ray_jobs.evaluate import evaluate
-from ray_jobs.predict import predict
-from ray_jobs.train import TrainConfig, fit
+from ray_jobs.classifier.config import TrainConfig
+from ray_jobs.classifier.driver import fit
+from ray_jobs.classifier.evaluation import evaluate
+from ray_jobs.classifier.prediction import predict
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from shards import ingest, read_manifest
 
 from conftest import kill_driver_after_checkpoint

@@ -21,12 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from medbalance.errors import ConfigError
+from ray_jobs.classifier.config import OPTIMIZERS, SCHEDULES
 
 if TYPE_CHECKING:
-    from ray_jobs.train import OptimSection
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "multistep", "adsr_authors", "none")
+    from ray_jobs.classifier.config import OptimSection
 
 
 def build_optimizer(params, cfg: "OptimSection") -> torch.optim.Optimizer:

@@ -1,7 +1,7 @@
 """The GAN training job's typed config (``python -m ray_jobs.gan train``).
 
 Built like the classifier's: dataclass defaults <- ``--config`` YAML (``configs/gcgan_paper.yaml``)
-<- flags <- ``--set key=value`` (``ray_jobs.config.load_config``). The defaults are the authors'
+<- flags <- ``--set key=value`` (``ray_jobs.runtime.configs.load_config``). The defaults are the authors'
 settings (DESIGN 4.5) except the image size (256; theirs is 1024) and the number of workers.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class GanConfig:
     def check(self) -> None:
         """Refuse values that cannot work, before Ray starts."""
         from gan.generator import check_image_size
-        from ray_jobs.amp import AMP_MODES
+        from ray_jobs.runtime.amp import AMP_MODES
         from gan.sampling import BN_MODES
         from gan.train_step import OPTIMIZERS
 

@@ -17,8 +17,8 @@ import json
 import pyarrow.fs as pafs
 
 from medbalance.errors import ConfigError
-from ray_jobs.checkpoint import CHECKPOINT_FILE, is_complete
-from ray_jobs.progress import say
+from ray_jobs.runtime.checkpoint import CHECKPOINT_FILE, is_complete
+from ray_jobs.runtime.progress import say
 from shards import storage
 
 RESULT_FILE = "result.json"

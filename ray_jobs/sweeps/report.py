@@ -18,8 +18,8 @@ import tempfile
 import warnings
 
 from medbalance.errors import MedbalanceError
-from ray_jobs.run_dir import RESULT_FILE, RunDir, checkpoint_uri
-from ray_jobs.tuning import CLOCK, TRIALS_DIR, run_name
+from ray_jobs.runtime.run_dir import RESULT_FILE, RunDir, checkpoint_uri
+from ray_jobs.sweeps.tuning import CLOCK, TRIALS_DIR, run_name
 from shards import storage
 
 FINISHED, STOPPED, FAILED, INCOMPLETE = "finished", "stopped early", "failed", "incomplete"
@@ -167,7 +167,6 @@ def write_plots(study, out_uri: str, metric: str) -> list[str]:
     from optuna.exceptions import ExperimentalWarning
     from optuna.trial import TrialState
 
-    from ray_jobs.evaluate import copy_dir
 
     scored = len(study.get_trials(states=(TrialState.COMPLETE,)))
     params = list(study.trials[0].distributions) if study.trials else []
@@ -188,5 +187,5 @@ def write_plots(study, out_uri: str, metric: str) -> list[str]:
             figure.set_size_inches(4 * len(params) if name == "slice.png" and len(params) > 1 else 8, 5)
             figure.savefig(os.path.join(tmp, name), dpi=110, bbox_inches="tight")
             plt.close(figure)
-        copy_dir(tmp, out_uri)
+        storage.copy_dir(tmp, out_uri)
     return list(plots)

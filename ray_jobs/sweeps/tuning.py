@@ -1,7 +1,7 @@
 """Ray Tune machinery shared by the sweep and the method comparison: one trial = one training run.
 
 Under Ray 2.60 (Train V2) a trial is a small function trainable, :func:`run_trial`, that builds the
-trial's ``TrainConfig`` and calls ``ray_jobs.train.fit`` (the same ``train_loop_per_worker``, data
+trial's ``TrainConfig`` and calls ``ray_jobs.classifier.driver.fit`` (the same ``train_loop_per_worker``, data
 pipelines and run folder as the training job) with :class:`EpochReport` in the ``RunConfig``
 callbacks, so every epoch's validation metrics reach Tune while the run trains. The trial driver
 holds :data:`~ray_jobs.resources.TRIAL_DRIVER_CPUS`; its workers hold what
@@ -22,10 +22,10 @@ import os
 import re
 
 from medbalance.errors import ConfigError
-from ray_jobs import config as config_lib
-from ray_jobs.progress import say
-from ray_jobs.run_dir import RESULT_FILE, RunDir
-from ray_jobs.search_space import build_config
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.progress import say
+from ray_jobs.runtime.run_dir import RESULT_FILE, RunDir
+from ray_jobs.sweeps.search_space import build_config
 from shards import storage
 
 TUNE_DIR, TRIALS_DIR = "tune", "trials"
@@ -52,7 +52,7 @@ def trial_config(params: dict, base: dict, methods: dict | None, trials_uri: str
     params = dict(params)
     method = params.pop("method", None)
     if method is not None:
-        config_lib._merge(tree, (methods or {})[method])
+        config_lib.merge(tree, (methods or {})[method])
     params.update(storage=trials_uri, name=run_name({"method": method, **params} if method else params,
                                                     trial_id))
     return build_config(tree, params, f"trial {trial_id}")
@@ -71,14 +71,14 @@ def _finished_summary(cfg) -> dict | None:
 
 
 def run_trial(config: dict, *, base: dict, methods: dict | None, trials_uri: str) -> None:
-    """Tune function trainable: train one trial's config with ``ray_jobs.train.fit``.
+    """Tune function trainable: train one trial's config with ``ray_jobs.classifier.driver.fit``.
 
     A non-finite loss, damaged data or a worker that keeps failing raises, and Tune records the trial
     as failed with that message. A run that already finished is reported again, not retrained.
     """
     from ray import tune
 
-    from ray_jobs import train
+    from ray_jobs.classifier import driver
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config, base, methods, trials_uri, trial_id)
@@ -86,7 +86,7 @@ def run_trial(config: dict, *, base: dict, methods: dict | None, trials_uri: str
     if done:
         tune.report({**done["best_metrics"], CLOCK: done["epochs"]})
         return
-    train.fit(cfg, resume="auto", callbacks=[_epoch_report_callback()])
+    driver.fit(cfg, resume="auto", callbacks=[_epoch_report_callback()])
 
 
 def _epoch_report_callback():

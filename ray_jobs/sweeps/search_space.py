@@ -25,8 +25,8 @@ import math
 import numbers
 
 from medbalance.errors import ConfigError
-from ray_jobs import config as config_lib
-from ray_jobs.config import TrainConfig
+from ray_jobs.classifier.config import TrainConfig
+from ray_jobs.runtime import configs as config_lib
 
 TYPES = ("uniform", "loguniform", "int", "choice")
 RESERVED = ("name", "storage", "num_workers", "use_gpu", "cpus_per_worker")
@@ -38,7 +38,7 @@ def apply_params(tree: dict, params: dict) -> dict:
     """A copy of a ``TrainConfig`` dict with each dotted key of ``params`` set to its value."""
     out = copy.deepcopy(tree)
     for key, value in params.items():
-        config_lib._set_path(out, key, value)  # the same setter as --set key.sub=value
+        config_lib.set_path(out, key, value)  # the same setter as --set key.sub=value
     return out
 
 

@@ -47,15 +47,15 @@ import numpy as np
 from medbalance.errors import ConfigError
 from shards.reader import decode_to_chw
 
+from ray_jobs.classifier.config import AUGMENT_PRESETS, SAMPLING
+
 if TYPE_CHECKING:
     import torch
     from torchvision.transforms import v2
 
-    from ray_jobs.config import TrainConfig
+    from ray_jobs.classifier.config import TrainConfig
     from shards.schema import Manifest
 
-AUGMENT_PRESETS = ("adsr", "adsr_paper", "lrf", "light", "none")
-SAMPLING = ("none", "class_balanced", "sqrt")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # One grey channel with ImageNet statistics: the mean of the three (as timm does for in_chans=1).

@@ -3,7 +3,7 @@
 ``train_loop_per_worker(config)`` is plain PyTorch plus a few ``ray.train`` calls:
 
 * data: the class's train rows arrive as a Ray Data dataset (read, filtered to the class, decoded
-  and resized by Ray Data tasks; ``ray_jobs.gan_driver.class_dataset``). The dataset is NOT split
+  and resized by Ray Data tasks; ``ray_jobs.gcgan.driver.class_dataset``). The dataset is NOT split
   across workers: a minority class is small (the paper trains on 40-160 images), so every worker
   reads it once into memory (uint8, on its device; ``max_class_mb`` guards the size) and draws
   its batches from it. All workers walk one shared seeded permutation per pass over the class,
@@ -26,10 +26,10 @@ import time
 import torch
 
 from medbalance.errors import ConfigError
-from ray_jobs import collectives
-from ray_jobs import config as config_lib
-from ray_jobs.gan_config import GanConfig
-from ray_jobs.progress import say
+from ray_jobs.gcgan.config import GanConfig
+from ray_jobs.runtime import collectives
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.progress import say
 from shards import storage
 
 SAMPLES_DIR = "samples"
@@ -66,7 +66,7 @@ def load_class_images(shard, cfg: GanConfig, class_name: str, device: torch.devi
 
     A damaged shard is reported through the all-worker agreement, never by one worker leaving.
     """
-    from ray_jobs.data_errors import data_error_message
+    from ray_jobs.runtime.data_errors import data_error_message
 
     parts, message = [], ""
     limit = cfg.max_class_mb * 1e6
@@ -146,10 +146,10 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train.torch
 
     from gan import Discriminator, GanStep, Generator, ReconstructionLoss, real_batch
-    from ray_jobs.amp import amp_dtype
-    from ray_jobs.checkpoint import report, restore_state
-    from ray_jobs.ray_runtime import quiet_ray_train
-    from ray_jobs.seeding import seed_everything
+    from ray_jobs.runtime.amp import amp_dtype
+    from ray_jobs.runtime.checkpoint import report, restore_state
+    from ray_jobs.runtime.ray_setup import quiet_ray_train
+    from ray_jobs.runtime.seeding import seed_everything
 
     cfg = config_lib.from_dict(GanConfig, config["cfg"])
     class_name, run_uri = config["class_name"], config["run_uri"]

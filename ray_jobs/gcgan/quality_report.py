@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medbalance.errors import ConfigError, DataError
-from ray_jobs.progress import say
+from ray_jobs.runtime.progress import say
 from shards import storage
 
 DEFAULT_EXTRACTOR_SIZE = 224
@@ -29,9 +29,9 @@ DEFAULT_EXTRACTOR_SIZE = 224
 def classifier_extractor(checkpoint: str):
     """``(extractor, image size)``: a medbalance classifier's features (its training size)."""
     from gan.features import ClassifierFeatures
-    from ray_jobs.checkpoint import load_checkpoint, model_from_checkpoint
-    from ray_jobs.data import IMAGENET_MEAN, IMAGENET_STD
-    from ray_jobs.evaluate import resolve_checkpoint
+    from ray_jobs.classifier.pipeline import IMAGENET_MEAN, IMAGENET_STD
+    from ray_jobs.runtime.checkpoint import load_checkpoint, model_from_checkpoint
+    from ray_jobs.runtime.checkpoint import resolve_checkpoint
 
     uri = resolve_checkpoint(checkpoint)
     state = load_checkpoint(uri)
@@ -97,7 +97,6 @@ def quality(data: str, out: str, *, extractor: str | None = None, classifier: st
             ratio: float = 0.25) -> dict:
     """Measure every chosen class; write quality.json/.md and the pair PNGs; return the report."""
     from gan.features import FileExtractor
-    from ray_jobs.evaluate import copy_dir
     from shards import check_shards
 
     if bool(extractor) == bool(classifier):
@@ -132,7 +131,7 @@ def quality(data: str, out: str, *, extractor: str | None = None, classifier: st
                 f"{result['pixel_neighbours']['flagged']}/{result['n_synthetic']} flagged as near-copies (pixels)")
         Path(tmp, "quality.json").write_text(json.dumps(report, indent=2) + "\n")
         Path(tmp, "quality.md").write_text(format_report(report))
-        copy_dir(tmp, out)
+        storage.copy_dir(tmp, out)
     return report
 
 

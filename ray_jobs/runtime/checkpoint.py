@@ -11,13 +11,14 @@ with ``torch.load(weights_only=True)`` (no arbitrary pickle):
     config                                   the resolved TrainConfig as a dict
     class_names, class_counts                of the training split
     metrics                                  the validation metrics of this epoch
-    input                                    how images become inputs (ray_jobs.data.InputSpec:
+    input                                    how images become inputs (ray_jobs.classifier.pipeline.InputSpec:
                                              channels, window, depth, mean/std); absent in
                                              checkpoints made before it existed (= the defaults)
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import torch
@@ -158,3 +159,14 @@ def model_from_checkpoint(state: dict) -> torch.nn.Module:
             f"(was it made by another version?): {str(exc)[:500]}"
         ) from exc
     return model.eval()
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint directory/file as given, or a run folder's best checkpoint."""
+    fs, path = storage.resolve(uri)
+    if storage.exists(fs, f"{path}/result.json", uri):
+        best = json.loads(storage.read_bytes(fs, f"{path}/result.json", uri))["best_checkpoint"]
+        if not best:
+            raise ConfigError(f"{uri}/result.json names no best checkpoint (did the run finish an epoch?)")
+        return best
+    return uri

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from medbalance.errors import DataError
-from ray_jobs.checkpoint import load_checkpoint, model_from_checkpoint
-from ray_jobs.data import InputSpec, normalize, preprocess_batch
+from ray_jobs.classifier.pipeline import InputSpec, normalize, preprocess_batch
+from ray_jobs.runtime.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 class Predictor:
@@ -67,8 +67,8 @@ def split_logits(checkpoint: str, data_uri: str, split: str, image_size: int, **
 
     Prints a progress line every few seconds. A damaged shard raises a DataError naming it.
     """
-    from ray_jobs.data_errors import data_error_message
-    from ray_jobs.progress import Progress
+    from ray_jobs.runtime.data_errors import data_error_message
+    from ray_jobs.runtime.progress import Progress
     from shards import ray_dataset, read_manifest
     from shards.reader import read_columns
 

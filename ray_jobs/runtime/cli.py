@@ -46,7 +46,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     Called as the process's entry (``argv`` None: the arguments are ``sys.argv``), it also makes sure
     the process then ends: a watchdog exits it if shutting Ray down hangs.
     """
-    from ray_jobs.ray_runtime import configure_logging
+    from ray_jobs.runtime.ray_setup import configure_logging
 
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args

@@ -22,10 +22,10 @@ import statistics
 import time
 
 from medbalance.errors import ConfigError, DataError, TrainingError
-from ray_jobs import config as config_lib
-from ray_jobs.gan_config import GanConfig
-from ray_jobs.progress import say
-from ray_jobs.run_dir import RESULT_FILE, RESUME_MODES, RunDir, checkpoint_uri
+from ray_jobs.gcgan.config import GanConfig
+from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.progress import say
+from ray_jobs.runtime.run_dir import RESULT_FILE, RESUME_MODES, RunDir, checkpoint_uri
 from shards import storage
 
 
@@ -82,7 +82,7 @@ def plan_concurrency(cfg: GanConfig, num_classes: int) -> tuple[int, float]:
 
 def class_dataset(cfg: GanConfig, class_index: int):
     """The class's real train rows, decoded and resized to ``image_size`` (Ray Data tasks)."""
-    from ray_jobs.data import preprocess_batch
+    from ray_jobs.classifier.pipeline import preprocess_batch
     from shards import ray_dataset
 
     ds = ray_dataset(cfg.data, "train", include_synthetic=False, columns=["image", "label", "source", "synthetic"],
@@ -97,7 +97,7 @@ def fit_class(cfg_dict: dict, class_index: int, class_name: str, run_name: str) 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ray_jobs.gan_worker import SAMPLES_DIR, train_loop_per_worker
+    from ray_jobs.gcgan.worker import SAMPLES_DIR, train_loop_per_worker
 
     cfg = config_lib.from_dict(GanConfig, cfg_dict)
     job = RunDir(cfg.storage, cfg.name)
@@ -152,7 +152,7 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
         resume: ``auto`` (resume what has results), ``resume`` (must have), ``fresh`` (must not).
     """
     from gan.losses import ReconstructionLoss
-    from ray_jobs.ray_runtime import init_ray, run_as_tasks
+    from ray_jobs.runtime.ray_setup import init_ray, run_as_tasks
     from shards import check_shards
 
     cfg.check()

@@ -23,8 +23,8 @@ import torch
 
 import medbalance
 from medbalance.errors import ConfigError, DataError
-from ray_jobs.checkpoint import load_checkpoint
-from ray_jobs.progress import say
+from ray_jobs.runtime.checkpoint import load_checkpoint
+from ray_jobs.runtime.progress import say
 from shards import storage
 from shards.deletion import check_outside
 from shards.image import encode_array_png, sha256_hex
