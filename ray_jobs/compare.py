@@ -14,25 +14,25 @@ import argparse
 import sys
 
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_config_flags, add_verbose_flag, parser, run_main
 from ray_jobs.sweeps.comparison import RUNS_FILE, TABLE_CSV, TABLE_MD, compare
 from ray_jobs.sweeps.config import CompareConfig
 from shards import storage
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="comparison preset (configs/compare-*.yaml); flags below override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any key, e.g. base.optim.lr=0.05 or methods.r18.loss=focal (repeatable)")
-    p.add_argument("--data", help="dataset URI of every method without its own (base.data.uri)")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--baseline")
-    p.add_argument("--epochs", type=int, help="base.epochs")
-    p.add_argument("--image-size", type=int, help="base.data.image_size")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers per run (base.num_workers)")
-    p.add_argument("--storage", help="local path or s3://bucket/prefix")
-    p.add_argument("--name", help="results go to <storage>/<name>/")
+    d = CompareConfig()
+    p = parser("medbalance compare", __doc__)
+    add_config_flags(p, "configs/compare-*.yaml", "base.optim.lr=0.05 or methods.r18.loss=focal")
+    p.add_argument("--data", metavar="URI", help="dataset of every method without its own (base.data.uri)")
+    p.add_argument("--seeds", type=int, nargs="+", help=f"seeds per method (default: the config's, {d.seeds})")
+    p.add_argument("--baseline", help="the method the others are compared with (default: the first)")
+    p.add_argument("--epochs", type=int, help=f"base.epochs (default: {d.base.epochs})")
+    p.add_argument("--image-size", type=int, help=f"base.data.image_size (default: {d.base.data.image_size})")
+    p.add_argument("--num-workers", type=int,
+                   help=f"Ray Train workers per run (base.num_workers; default: {d.base.num_workers})")
+    p.add_argument("--storage", help=f"local path or s3://bucket/prefix (default: {d.storage})")
+    p.add_argument("--name", help=f"results go to <storage>/<name>/ (default: {d.name})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted comparison of this name")
     add_verbose_flag(p)
     return p
@@ -49,7 +49,11 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    result = compare(config_from_args(args), resume=args.resume)
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(config_lib.dump_yaml(cfg), end="")
+        return 0
+    result = compare(cfg, resume=args.resume)
     print(f"table: {storage.join(result['uri'], TABLE_MD)} (CSV: {TABLE_CSV}; per run: {RUNS_FILE})")
     return 0
 

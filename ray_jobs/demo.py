@@ -8,12 +8,11 @@ Local Ray (started in-process), local Parquet shards, the RetinaMNIST file bundl
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from ray_jobs.runtime.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_verbose_flag, parser, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from shards import ingest, read_manifest, summary_table
     from shards.storage import join
 
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.demo", description=__doc__.split("\n")[0])
+    p = parser("medbalance demo", __doc__)
     p.add_argument("--data-root", default=str(REPO / "data"), help="folder holding retinamnist/retinamnist.npz")
     p.add_argument("--out", default=str(REPO / "runs"), help="where data, runs and reports go")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of configs/demo.yaml, e.g. epochs=2 (repeatable)")
     p.add_argument("--fresh", action="store_true",
                    help="train a new run (its name gets the time) instead of resuming/reusing the last one")
     add_verbose_flag(p)

@@ -23,7 +23,7 @@ import sys
 
 from ray_jobs.gcgan.config import GanConfig
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import add_run_flags, add_verbose_flag, run_main
+from ray_jobs.runtime.cli import HelpWithDefaults, add_config_flags, add_run_flags, add_verbose_flag, parser, run_main
 from ray_jobs.runtime.run_dir import RESULT_FILE
 from shards import storage
 
@@ -31,16 +31,15 @@ PRESETS = {"add15": 15, "add30": 30, "add45": 45, "add60": 60}  # the DIM paper'
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train one GCGAN per class (Ray Train DDP)")
-    p.add_argument("--config", help="YAML preset (configs/gcgan_paper.yaml); flags below override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any GanConfig key, e.g. lr=1e-4 (repeatable)")
+    p = sub.add_parser("train", help="train one GCGAN per class (Ray Train DDP)", formatter_class=HelpWithDefaults)
+    add_config_flags(p, "configs/gcgan_paper.yaml", "lr=1e-4")
     p.add_argument("--data", help="shard dataset URI")
     p.add_argument("--classes", help="comma-separated class names, or auto (every class below the median count)")
-    p.add_argument("--image-size", type=int, help="32 .. 1024, a power of two")
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--batch-size", type=int, help="per worker")
-    p.add_argument("--num-workers", type=int, help="DDP workers per class")
+    d = GanConfig()
+    p.add_argument("--image-size", type=int, help=f"32 .. 1024, a power of two (default: the config's, {d.image_size})")
+    p.add_argument("--iterations", type=int, help=f"iterations per class (default: the config's, {d.iterations})")
+    p.add_argument("--batch-size", type=int, help=f"images per worker and step (default: the config's, {d.batch_size})")
+    p.add_argument("--num-workers", type=int, help=f"DDP workers per class (default: the config's, {d.num_workers})")
     p.add_argument("--concurrent", type=int, help="class runs at once (default: as many as fit)")
     p.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints and sample grids")
     p.add_argument("--lpips-weights", help="torchvision vgg16 state-dict file: LPIPS-VGG reconstruction loss "
@@ -49,7 +48,8 @@ def _train_parser(sub) -> None:
 
 
 def _synthesize_parser(sub) -> None:
-    p = sub.add_parser("synthesize", help="write a dataset version: real shards by reference + synthetic ones")
+    p = sub.add_parser("synthesize", help="write a dataset version: real shards by reference + synthetic ones",
+                       formatter_class=HelpWithDefaults)
     p.add_argument("--checkpoint", required=True, help="a GAN run folder (its result.json) or one class's checkpoint")
     p.add_argument("--output", required=True, help="URI of the new dataset version")
     p.add_argument("--data", help="the dataset to include (default: the one the GAN was trained on)")
@@ -61,14 +61,15 @@ def _synthesize_parser(sub) -> None:
     p.add_argument("--classes", help="comma-separated subset of the trained classes (default: all)")
     p.add_argument("--bn-mode", choices=["train", "eval"], default=None,
                    help="BatchNorm while sampling (default: the run's sample_bn_mode, train as the authors)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise the generators sample")
     p.add_argument("--gpu", action="store_true", help="sample on a GPU")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset version already at --output")
     add_verbose_flag(p)
 
 
 def _quality_parser(sub) -> None:
-    p = sub.add_parser("quality", help="FID, KID and nearest-real-neighbour check per class")
+    p = sub.add_parser("quality", help="FID, KID and nearest-real-neighbour check per class",
+                       formatter_class=HelpWithDefaults)
     p.add_argument("--data", required=True, help="a dataset version with synthetic rows (synthesize's output)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--extractor", help="feature extractor file: TorchScript (.pt) or torch.export (.pt2); "
@@ -84,7 +85,7 @@ def _quality_parser(sub) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.gan", description=__doc__.split("\n")[0])
+    p = parser("medbalance gan", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _synthesize_parser(sub)
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         from ray_jobs.gcgan.driver import fit_classes
 
         cfg = config_from_args(args)
+        if args.print_config:
+            print(config_lib.dump_yaml(cfg), end="")
+            return 0
         summary = fit_classes(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
         print(json.dumps({"checkpoint": summary["checkpoint"],
                           "sample_grids": {n: (r["sample_grids"] or [None])[-1] for n, r in summary["runs"].items()},

@@ -22,18 +22,19 @@ import argparse
 import sys
 import time
 
-from ray_jobs.runtime.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_verbose_flag, parser, run_main
 from shards import ingest, summary_table, verify
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.prepare", description=__doc__.split("\n")[0])
+    p = parser("medbalance prepare", __doc__)
     p.add_argument("--input", help="image folder, .npz or .csv (local path or s3://)")
     p.add_argument("--output", help="dataset URI: local path, file:// or s3://bucket/prefix")
-    p.add_argument("--format", default="auto", choices=["auto", "folder", "npz", "csv"])
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "npz", "csv"],
+                   help="input kind (auto: from the path)")
     p.add_argument("--val", type=float, default=0.1, help="val fraction when the input has no splits")
     p.add_argument("--test", type=float, default=0.2, help="test fraction when the input has no splits")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the shuffle within splits")
     p.add_argument("--classes", default=None,
                    help="comma-separated class names in label order (npz/csv labels are checked against it)")
     p.add_argument("--small-classes", default="error", choices=["error", "train-only"],

@@ -13,25 +13,25 @@ import argparse
 import sys
 
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_config_flags, add_verbose_flag, parser, run_main
 from ray_jobs.sweeps.config import SweepConfig
 from ray_jobs.sweeps.search import TRIALS_FILE, sweep
 from shards import storage
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="sweep preset (configs/sweep-*.yaml); flags below override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any sweep key, e.g. trials=8 or base.optim.lr=0.05 (repeatable)")
-    p.add_argument("--data", help="dataset URI (base.data.uri)")
-    p.add_argument("--model", help="base.model")
-    p.add_argument("--trials", type=int)
-    p.add_argument("--epochs", type=int, help="epochs per trial (base.epochs; ASHA's max_t)")
-    p.add_argument("--image-size", type=int, help="base.data.image_size")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers per trial (base.num_workers)")
-    p.add_argument("--storage", help="where sweeps go: local path or s3://bucket/prefix")
-    p.add_argument("--name", help="sweep name: results go to <storage>/<name>/")
+    d = SweepConfig()
+    p = parser("medbalance sweep", __doc__)
+    add_config_flags(p, "configs/sweep-*.yaml", "trials=8 or base.optim.lr=0.05")
+    p.add_argument("--data", metavar="URI", help="dataset URI (base.data.uri)")
+    p.add_argument("--model", help=f"base.model (default: the config's, {d.base.model})")
+    p.add_argument("--trials", type=int, help=f"trials to run (default: the config's, {d.trials})")
+    p.add_argument("--epochs", type=int, help=f"epochs per trial (base.epochs; ASHA's max_t; default: {d.base.epochs})")
+    p.add_argument("--image-size", type=int, help=f"base.data.image_size (default: {d.base.data.image_size})")
+    p.add_argument("--num-workers", type=int,
+                   help=f"Ray Train workers per trial (base.num_workers; default: {d.base.num_workers})")
+    p.add_argument("--storage", help=f"where sweeps go: local path or s3://bucket/prefix (default: {d.storage})")
+    p.add_argument("--name", help=f"sweep name: results go to <storage>/<name>/ (default: {d.name})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
     add_verbose_flag(p)
     return p
@@ -47,7 +47,11 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    result = sweep(config_from_args(args), resume=args.resume)
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(config_lib.dump_yaml(cfg), end="")
+        return 0
+    result = sweep(cfg, resume=args.resume)
     print(f"trials: {storage.join(result['uri'], TRIALS_FILE)}")
     if result["best_config"]:
         print(f"best config: {result['best_config']}  (python -m ray_jobs.train --config {result['best_config']})")

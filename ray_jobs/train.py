@@ -15,24 +15,32 @@ import sys
 from ray_jobs.classifier.config import TrainConfig
 from ray_jobs.classifier.driver import fit, run_dir
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import add_run_flags, run_main
+from ray_jobs.runtime.cli import add_config_flags, add_run_flags, parser, run_main
 from ray_jobs.runtime.run_dir import RESULT_FILE
 from shards import storage
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML preset (configs/*.yaml); flags below override it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. optim.lr=0.05 (repeatable)")
-    p.add_argument("--data", help="dataset URI (data.uri)")
-    p.add_argument("--model")
-    p.add_argument("--loss")
-    p.add_argument("--loss-params", nargs="*", default=[], metavar="K=V", help="loss hyperparameters")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per worker (data.batch_size)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--num-workers", type=int)
+    from losses import list_losses
+    from models import list_models
+
+    d = TrainConfig()
+    p = parser("medbalance train", __doc__)
+    add_config_flags(p, "configs/*.yaml", "optim.lr=0.05")
+    p.add_argument("--data", metavar="URI", help="dataset made by `medbalance prepare` (data.uri)")
+    p.add_argument("--model", choices=list_models(), metavar="MODEL",
+                   help=f"one of {', '.join(list_models())} (default: the config's, {d.model})")
+    p.add_argument("--loss", choices=list_losses(), metavar="LOSS",
+                   help=f"one of {', '.join(list_losses())} (default: the config's, {d.loss})")
+    p.add_argument("--loss-params", nargs="*", default=[], metavar="K=V",
+                   help="loss hyperparameters, e.g. weight=0.5 (loss_params)")
+    p.add_argument("--epochs", type=int, help=f"epochs to train (default: the config's, {d.epochs})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"images per worker and step (data.batch_size; default: the config's, {d.data.batch_size})")
+    p.add_argument("--image-size", type=int,
+                   help=f"side the images are resized to (data.image_size; default: the config's, {d.data.image_size})")
+    p.add_argument("--num-workers", type=int,
+                   help=f"Ray Train DDP workers (default: the config's, {d.num_workers})")
     add_run_flags(p)
     return p
 
@@ -51,6 +59,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     cfg = config_from_args(args)
+    if args.print_config:
+        print(config_lib.dump_yaml(cfg), end="")
+        return 0
     summary = fit(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
     print(json.dumps({k: summary[k] for k in ("best_checkpoint", "epochs", "best_metrics")}, indent=2, default=float))
     print(f"result: {storage.join(run_dir(cfg).uri, RESULT_FILE)}")

@@ -30,6 +30,36 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
                         help="show every Ray message and full tracebacks")
 
 
+def description(doc: str) -> str:
+    """A job's ``--help`` description: its module docstring's first paragraph, whole, on one line."""
+    return " ".join(doc.strip().split("\n\n", 1)[0].split())
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to a flag's help where X says something (not None, False or empty)
+    and the help does not already name its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of job ``prog`` (``medbalance <job>``): whole description, defaults shown."""
+    return argparse.ArgumentParser(prog=prog, description=description(doc), formatter_class=HelpWithDefaults)
+
+
+def add_config_flags(p: argparse.ArgumentParser, presets: str, example: str) -> None:
+    """``--config``, ``--set`` and ``--print-config`` of a job with a typed config."""
+    p.add_argument("--config", metavar="YAML", help=f"preset ({presets}); the flags below override it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override any config key, e.g. {example} (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML) and exit without starting Ray")
+
+
 # After the job's main returns, Ray's own shutdown (atexit) and Tune's threads must end the process;
 # on a loaded machine they have been seen to hang. Past this many seconds the process exits anyway.
 EXIT_GRACE_S = 60.0
@@ -50,6 +80,8 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
 
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
+    if not sys.stdout.isatty():  # a file, a pipe, `ray job logs`: Ray's forwarded lines without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     configure_logging(verbose=verbose)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -91,9 +123,9 @@ def _exit_even_if_shutdown_hangs(code: int) -> None:
 
 def add_run_flags(p) -> None:
     """The flags of a job that trains into a run folder: --gpu, --storage, --name, --resume | --fresh, -v."""
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, AMP)")
-    p.add_argument("--storage", help="where runs go: local path or s3://bucket/prefix")
-    p.add_argument("--name", help="run name; a rerun with the same name resumes")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl backend, AMP); default: CPU (gloo)")
+    p.add_argument("--storage", help="where runs go: local path or s3://bucket/prefix (default: the config's, runs)")
+    p.add_argument("--name", help="run name; a rerun with the same name resumes (default: the config's)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="require results to resume")
     group.add_argument("--fresh", action="store_true", help="refuse a name that has results")
