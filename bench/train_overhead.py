@@ -4,14 +4,17 @@
     python bench/train_overhead.py --threads 2 --epochs 4 --json runs/bench/train_overhead.json
 
 The data (default RetinaMNIST's npz) is ingested into a temp dir as a shard dataset. Both sides
-train the same model (``--model``, fresh weights) with the same loss (``ce``), optimizer and
-schedule (the ``TrainConfig`` defaults: SGD momentum 0.9, cosine), batch size, image size and
-number of torch threads, for the same number of epochs over the same train split:
+run the job's own training step, ``ray_jobs.classifier.step.ClassifierStep`` built by ``build_step``
+from the same ``TrainConfig`` (defaults: loss ``ce`` here, SGD momentum 0.9, cosine schedule, no
+clip-norm, no channels_last, AMP ``auto`` = off on CPU, each a flag; the model ``--model`` with fresh weights),
+with the same batch size, image size and number of torch threads, for the same number of epochs
+over the same train split:
 
 * **plain**: a PyTorch loop in this process over the train split decoded and resized once
-  beforehand (uint8 tensors in memory, shuffled each epoch). Timed per epoch: slicing the batch,
-  ``normalize``, forward, loss, finite check, backward, optimizer and scheduler step. This runs
-  first, before Ray is started.
+  beforehand (uint8 tensors in memory, shuffled each epoch). Timed per epoch: slicing the batch
+  and ``ClassifierStep.step`` (``normalize`` with the job's input spec, forward, loss, finite
+  check, backward, clip-norm when set, optimizer and scheduler step). This runs first, before Ray
+  is started.
 * **ray**: ``ray_jobs.classifier.driver.fit`` (the real job: ``TorchTrainer`` around ``train_loop_per_worker``,
   the Ray Data pipeline of ``build_datasets``) with 1 worker holding ``--threads`` CPUs
   (``cpus_per_worker``, so the worker calls ``torch.set_num_threads(threads)``) on a local Ray of
@@ -25,14 +28,13 @@ The first epoch of each side is a warm-up (allocator, Ray Data start-up) and is 
 steady rate is the samples of the other epochs over their seconds. Ratio = ray / plain; goal >= 0.90.
 The fastest epoch of each side is printed too (less sensitive to load from other jobs), and, to show
 where Ray's time goes, the job's train pipeline is then iterated alone (no training): how long
-until its first batch and its last. ``--breakdown`` also runs the same step (``Training`` below)
+until its first batch and its last. ``--breakdown`` also runs the same step (``make_step`` below)
 in a Ray Train worker of its own on the job's train pipeline, timing the wait for each batch apart
 from the steps. Ray's workers run at nice 0 here, as the plain side does (``bench/_common.py``).
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -41,13 +43,12 @@ from pathlib import Path
 import _common  # first: puts the checkout on sys.path
 import torch
 
-from losses import create_loss
 from medbalance.errors import TrainingError
-from models import create_model
-from ray_jobs.classifier.config import DataSection, TrainConfig
+from ray_jobs.classifier.config import DataSection, OptimSection, TrainConfig
 from ray_jobs.classifier.driver import fit
-from ray_jobs.classifier.optim import build_optimizer, lr_factor
-from ray_jobs.classifier.pipeline import build_datasets, build_transform, normalize
+from ray_jobs.classifier.pipeline import InputSpec, build_datasets, build_transform, input_spec
+from ray_jobs.classifier.step import ClassifierStep, build_step
+from ray_jobs.runtime.amp import AMP_MODES
 from ray_jobs.runtime.checkpoint import load_checkpoint
 from ray_jobs.runtime.configs import from_dict, to_dict
 from ray_jobs.runtime.seeding import seed_everything
@@ -67,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default="none",
                    help="Ray side's augment preset (the plain side's tensors are transformed once; "
                         "the step's compute does not depend on the pixels)")
+    p.add_argument("--amp", default="auto", choices=AMP_MODES, help="TrainConfig.amp on both sides (auto: off on CPU)")
+    p.add_argument("--channels-last", action="store_true", help="TrainConfig.channels_last on both sides")
+    p.add_argument("--clip-grad-norm", type=float, default=None, help="TrainConfig.optim.clip_grad_norm on both sides")
     p.add_argument("--data", default=DEFAULT_DATA, help="image folder or MedMNIST npz (needs a val split)")
     p.add_argument("--breakdown", action="store_true",
                    help="also run the same step in a Ray Train worker of our own that times the wait "
@@ -80,6 +84,7 @@ def make_config(args: argparse.Namespace, uri: str, storage: str) -> TrainConfig
         name="train-overhead", storage=storage, model=args.model, loss="ce", epochs=args.epochs,
         num_workers=1, cpus_per_worker=float(args.threads), max_failures=0,
         keep_checkpoints=args.epochs,  # keep every epoch's report (they carry the metrics)
+        amp=args.amp, channels_last=args.channels_last, optim=OptimSection(clip_grad_norm=args.clip_grad_norm),
         data=DataSection(uri=uri, image_size=args.image_size, augment=args.augment,
                          batch_size=args.batch_size))
 
@@ -93,49 +98,25 @@ def load_train_split(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, list
     return images, labels, dataset.class_names, dataset.manifest.class_counts("train")
 
 
-class Training:
-    """Model, loss, optimizer, scaler and schedule as ``train_loop_per_worker`` builds them."""
-
-    def __init__(self, cfg: TrainConfig, class_names: list[str], class_counts: list[int]):
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-        seed_everything(cfg.seed, cfg.reproducible)
-        self.model = create_model(cfg.model, num_classes=len(class_names), **cfg.model_kwargs)
-        self.criterion = create_loss(cfg.loss, class_counts=class_counts, **cfg.loss_params)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scaler = torch.amp.GradScaler("cpu", enabled=False)  # as the worker has it on CPU
-        steps_per_epoch = max(1, math.ceil(sum(class_counts) / cfg.data.batch_size))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step / steps_per_epoch, cfg.optim, cfg.epochs))
-
-    def start_epoch(self, epoch: int) -> None:
-        self.criterion.set_epoch(epoch)
-        self.model.train()
-
-    def step(self, images: torch.Tensor, target: torch.Tensor) -> None:
-        """One training step on uint8 ``B x 3 x S x S`` images (the worker's step, without DDP)."""
-        loss = self.criterion(self.model(normalize(images)).float(), target)
-        if not torch.isfinite(loss):
-            raise TrainingError("non-finite loss in the benchmark loop; lower the lr")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        loss.item()
+def make_step(cfg: TrainConfig, class_names: list[str], class_counts: list[int], spec: InputSpec) -> ClassifierStep:
+    """The job's step (``build_step``, as ``train_loop_per_worker`` builds it) for one CPU process."""
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    seed_everything(cfg.seed, cfg.reproducible)
+    return build_step(cfg, len(class_names), class_counts, spec, torch.device("cpu"))
 
 
 def plain_loop(cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
-               class_names: list[str], class_counts: list[int]) -> list[dict]:
+               class_names: list[str], class_counts: list[int], spec: InputSpec) -> list[dict]:
     """The worker's step without Ray; one ``{epoch, samples, seconds}`` per epoch."""
-    training = Training(cfg, class_names, class_counts)
+    step = make_step(cfg, class_names, class_counts, spec)
     epochs = []
     for epoch in range(cfg.epochs):
-        training.start_epoch(epoch)
+        step.start_epoch(epoch)
         order = torch.randperm(len(labels))
         started, seen = time.perf_counter(), 0
-        for first in range(0, len(labels), cfg.data.batch_size):
+        for step_index, first in enumerate(range(0, len(labels), cfg.data.batch_size)):
             index = order[first:first + cfg.data.batch_size]
-            training.step(images[index], labels[index])
+            step.step(images[index], labels[index], epoch=epoch, step_index=step_index).item()
             seen += len(index)
         epochs.append({"epoch": epoch, "samples": seen, "seconds": time.perf_counter() - started})
         print(f"  plain epoch {epoch + 1}/{cfg.epochs}: {seen / epochs[-1]['seconds']:.1f} samples/s", flush=True)
@@ -147,13 +128,13 @@ def breakdown_worker(config: dict) -> list[dict]:
     import ray.train
 
     cfg = from_dict(TrainConfig, config["cfg"])
-    training = Training(cfg, config["class_names"], config["class_counts"])
+    step = make_step(cfg, config["class_names"], config["class_counts"], InputSpec.from_dict(config["input_spec"]))
     shard, epochs = ray.train.get_dataset_shard("train"), []
     for epoch in range(cfg.epochs):
-        training.start_epoch(epoch)
+        step.start_epoch(epoch)
         batches = iter(shard.iter_torch_batches(batch_size=cfg.data.batch_size, drop_last=False))
         wait = compute = 0.0
-        seen = 0
+        seen = step_index = 0
         while True:
             asked = time.perf_counter()
             batch = next(batches, None)
@@ -161,24 +142,27 @@ def breakdown_worker(config: dict) -> list[dict]:
             wait += got - asked
             if batch is None:
                 break
-            training.step(batch["image"], batch["label"].long())
+            step.step(batch["image"], batch["label"], epoch=epoch, step_index=step_index).item()
             compute += time.perf_counter() - got
             seen += len(batch["label"])
+            step_index += 1
         epochs.append({"epoch": epoch, "samples": seen, "wait_s": wait, "step_s": compute})
     return epochs
 
 
-def ray_breakdown(cfg: TrainConfig, class_names: list[str], class_counts: list[int]) -> list[dict]:
+def ray_breakdown(cfg: TrainConfig, class_names: list[str], class_counts: list[int],
+                  spec: InputSpec) -> list[dict]:
     """Run ``breakdown_worker`` on the job's train pipeline, 1 worker of ``cpus_per_worker`` CPUs."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         breakdown_worker,
-        train_loop_config={"cfg": to_dict(cfg), "class_names": class_names, "class_counts": class_counts},
+        train_loop_config={"cfg": to_dict(cfg), "class_names": class_names, "class_counts": class_counts,
+                           "input_spec": spec.to_dict()},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="breakdown", storage_path=cfg.storage),
-        datasets={"train": build_datasets(cfg, read_manifest(cfg.data.uri))["train"]})
+        datasets={"train": build_datasets(cfg, read_manifest(cfg.data.uri), spec)["train"]})
     epochs = trainer.fit().return_value
     for e in epochs:
         print(f"  ray breakdown epoch {e['epoch'] + 1}/{cfg.epochs}: waiting for batches {e['wait_s']:.1f} s, "
@@ -237,17 +221,18 @@ def main(args: argparse.Namespace) -> int:
         ingest(args.data, uri)
         cfg = make_config(args, uri, f"{tmp}/runs")
         images, labels, class_names, class_counts = load_train_split(cfg)
+        spec = input_spec(cfg, read_manifest(uri))  # the job's normalisation and channels
         print(f"train overhead: {cfg.model}, {cfg.data.image_size}x{cfg.data.image_size}, batch "
               f"{cfg.data.batch_size}, {args.threads} torch thread(s), loss {cfg.loss}, {cfg.optim.name}; "
               f"{len(labels)} train images of {args.data}; {cfg.epochs} epochs per side (first = warm-up)",
               flush=True)
         load_before = _common.load_avg()
-        plain = plain_loop(cfg, images, labels, class_names, class_counts)
+        plain = plain_loop(cfg, images, labels, class_names, class_counts, spec)
         load_between = _common.load_avg()
         ray_epochs, ray_wall = ray_fit(cfg)
         load_after = _common.load_avg()
         pipeline = pipeline_alone(cfg)
-        breakdown = ray_breakdown(cfg, class_names, class_counts) if args.breakdown else None
+        breakdown = ray_breakdown(cfg, class_names, class_counts, spec) if args.breakdown else None
         result = {"config": vars(args), "machine": _common.machine(), "train_images": len(labels),
                   "plain": {"epochs": plain, "steady_samples_per_s": steady_rate(plain),
                             "best_samples_per_s": best_rate(plain)},
