@@ -21,7 +21,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset URI")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help="report folder (local or s3://)")
-    p.add_argument("--calibrate", action="store_true", help="temperature scaling fitted on val")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit temperature scaling on val and keep it in <run>/calibration.json (the checkpoint "
+                        "folder's parent for a checkpoint_* folder), applied by predict and export")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas in the Ray Data actor pool")
     p.add_argument("--gpu", action="store_true")
     add_verbose_flag(p)
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{synthetic['total']} ({', '.join(f'{c}: {n}' for c, n in synthetic['per_class'].items() if n) or 'none'})"))
     print(f"report: {storage.join(args.out, 'report.json')} (Markdown: report.md; plots: "
           "confusion_matrix.png, reliability_diagram.png, per_class_recall.png)")
+    if "calibration_file" in report["extra"]:
+        print(f"temperature {report['calibration']['temperature']:.4f} (fitted on val) kept in "
+              f"{report['extra']['calibration_file']}: predict and export apply it")
     return 0
 
 

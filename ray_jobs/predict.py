@@ -1,7 +1,8 @@
 """Batch prediction over shards or an image folder, with a Ray Data actor pool (CPU or GPU).
 
     python -m ray_jobs.predict --checkpoint runs/r18-cws --input runs/data/retina \
-        --output runs/r18-cws/predictions [--split test] [--num-actors 2] [--gpu] [--overwrite]
+        --output runs/r18-cws/predictions [--split test] [--num-actors 2] [--gpu] [--overwrite] \
+        [--no-calibration]
     python -m ray_jobs.predict --checkpoint CKPT --input /path/to/images --output s3://b/preds
 
 The command line only: the work is done by ``ray_jobs.classifier.prediction``.
@@ -26,6 +27,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier predictions at --output (only after the new ones are complete)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="write softmax(logits), not softmax(logits / T) with the run's calibration.json")
     add_verbose_flag(p)
     return p
 
@@ -33,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     success = predict(args.checkpoint, args.input, args.output, split=args.split, num_actors=args.num_actors,
-                      use_gpu=args.gpu, overwrite=args.overwrite, batch_size=args.batch_size)
+                      use_gpu=args.gpu, overwrite=args.overwrite, batch_size=args.batch_size,
+                      calibration=not args.no_calibration)
     print(f"wrote {success['rows']} predictions in {len(success['files'])} file(s) to {args.output} "
           f"in {success['seconds']} s")
     return 0

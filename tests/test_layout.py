@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGES = ("medbalance", "shards", "models", "losses", "metrics", "gan", "ray_jobs")
-JOBS = {"prepare", "train", "evaluate", "predict", "demo", "sweep", "compare", "gan"}
+JOBS = {"prepare", "train", "evaluate", "predict", "export", "demo", "sweep", "compare", "gan"}
 # What each part of ray_jobs may import from ray_jobs (besides itself).
 ALLOWED = {"runtime": {"runtime"}, "resources": {"runtime"}, "classifier": {"runtime", "resources"},
            "gcgan": {"runtime", "resources", "classifier"}, "sweeps": {"runtime", "resources", "classifier"}}

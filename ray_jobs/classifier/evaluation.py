@@ -4,8 +4,9 @@
         --split test --out runs/r18-cws/eval [--calibrate] [--num-actors 2] [--gpu]
 
 ``--checkpoint`` also takes a run folder (its ``result.json``'s best checkpoint is used).
-``--calibrate`` fits temperature scaling on the val split's logits (LBFGS) and reports ECE and Brier
-before and after. ``--out`` may be local or ``s3://``: the report is written to a local temp folder
+``--calibrate`` fits temperature scaling on the val split's logits (LBFGS), reports ECE and Brier
+before and after, and keeps the temperature in ``<run>/calibration.json``
+(``ray_jobs.classifier.calibration``), which predict and export then apply. ``--out`` may be local or ``s3://``: the report is written to a local temp folder
 and copied there.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from medbalance.errors import ConfigError, MedbalanceError
+from ray_jobs.classifier.calibration import calibration_path, write_calibration
 from ray_jobs.runtime.checkpoint import load_checkpoint, resolve_checkpoint
 from shards import storage
 
@@ -74,11 +76,16 @@ def evaluate(checkpoint: str, data: str, split: str, out: str, *, calibrate: boo
         temperature = fit_temperature(val_logits, val_targets)
         calibration = calibration_summary(logits, targets, temperature)
         probs = torch.softmax(torch.from_numpy(logits) / temperature, dim=1).numpy()
+        fitted = calibration_summary(val_logits, val_targets, temperature)
     title = f"{state['config']['model']} + {state['config']['loss']} on {split}"
     extra = {"checkpoint": checkpoint, "data": data, "split": split, "epoch": state.get("epoch"),
              "synthetic_in_training": synthetic_in_training(state)}
+    if calibrate:
+        extra["calibration_file"] = calibration_path(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         report = write_report(tmp, probs, targets, manifest.class_names, title=title, extra=extra,
                               calibration=calibration)
         storage.copy_dir(tmp, out)
+    if calibrate:  # kept for predict and export, once the report is out
+        write_calibration(checkpoint, data, temperature, fitted, evaluated=calibration, evaluated_split=split)
     return report

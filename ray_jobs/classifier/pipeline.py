@@ -117,15 +117,50 @@ def input_spec(cfg: "TrainConfig", manifest: "Manifest") -> InputSpec:
                      frames=intensity.get("frames"), mean=mean, std=std)
 
 
+def resize(images: torch.Tensor, image_size: int, *, skip_same_size: bool = True) -> torch.Tensor:
+    """Bilinear resize with antialiasing, computed in float32: what evaluate, predict and the
+    exported model (``ray_jobs.classifier.export``) all do.
+
+    Args:
+        images: C x H x W or N x C x H x W, uint8 or float.
+        image_size: the side S of the output.
+        skip_same_size: return ``images`` unchanged when H = W = S (as torchvision's Resize does);
+            the exported model, whose H and W are symbolic, always interpolates (the same values:
+            at scale 1 the filter's weights are 1 and 0).
+
+    Returns:
+        The same layout at S x S, the input's dtype: uint8 rounded half to even and clamped.
+        Not torchvision's ``v2.Resize``: on uint8 it takes a fixed-point path that no ONNX runtime
+        reproduces (1 level off on ~15% of pixels), so an exported model could not match predict.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if skip_same_size and tuple(images.shape[-2:]) == (image_size, image_size):
+        return images
+    batch = images if images.dim() == 4 else images.unsqueeze(0)
+    out = F.interpolate(batch.float(), size=(image_size, image_size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    if images.dtype == torch.uint8:
+        out = out.round().clamp(0.0, 255.0).to(torch.uint8)
+    elif out.dtype != images.dtype:
+        out = out.to(images.dtype)
+    return out if images.dim() == 4 else out.squeeze(0)
+
+
 def build_transform(preset: str, image_size: int, train: bool) -> v2.Transform:
-    """C x H x W tensor -> C x S x S tensor (uint8, or float in [0, 1]; C = 1 or 3)."""
+    """C x H x W tensor -> C x S x S tensor (uint8, or float in [0, 1]; C = 1 or 3).
+
+    Resize-only presets and evaluation return :func:`resize` (a plain callable)."""
+    import functools
+
     from torchvision.transforms import v2
 
     if preset not in AUGMENT_PRESETS:
         raise ConfigError(f"unknown augment preset {preset!r}; use one of {AUGMENT_PRESETS}")
     size = (image_size, image_size)
     if not train or preset in ("lrf", "none"):
-        return v2.Resize(size, antialias=True)
+        return functools.partial(resize, image_size=image_size)
     hue = 0.4 if preset == "adsr_paper" else 0.1
     if preset == "light":
         return v2.Compose([v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),

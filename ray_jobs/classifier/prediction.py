@@ -8,7 +8,10 @@
 recursively; 16-bit/float PNG/TIFF and DICOM too). Images are prepared as the checkpoint's training
 run prepared them (``state["input"]``: channels, the dataset's window and ``--frames``, mean/std). The output is Parquet, one row per input image: ``source``, ``probabilities``
 (list of C floats), ``prediction`` (class index), ``predicted_class`` (name), and ``label`` for
-shard inputs.
+shard inputs. Probabilities are ``softmax(logits / T)`` with the run's temperature ``T`` from
+``<run>/calibration.json`` (``evaluate --calibrate``; ``ray_jobs.classifier.calibration``) when it
+has one, else ``softmax(logits)``; ``--no-calibration`` leaves them uncalibrated. The job prints
+which, and ``_SUCCESS.json`` records ``temperature`` (null for none) and ``temperature_source``.
 
 Layout and safety. Ray Data writes the files of one run into ``<output>/predictions-<id>/``;
 ``<output>/_SUCCESS.json``, written last and atomically, lists them: it is the switch-over point,
@@ -32,6 +35,7 @@ import uuid
 import numpy as np
 
 from medbalance.errors import ConfigError, DataError
+from ray_jobs.classifier.calibration import describe, run_temperature
 from ray_jobs.classifier.pipeline import InputSpec
 from ray_jobs.runtime.checkpoint import load_checkpoint, resolve_checkpoint
 from ray_jobs.runtime.data_errors import data_error_message
@@ -215,9 +219,12 @@ def _input_dataset(input_uri: str, split: str | None):
     return ds.map_batches(rename, batch_format="numpy")
 
 
-def _to_rows(batch: dict, class_names: list[str]) -> dict:
-    """Logits -> the output columns (probabilities by a stable softmax, the argmax and its name)."""
+def _to_rows(batch: dict, class_names: list[str], temperature: float | None = None) -> dict:
+    """Logits (N x K) -> the output columns: probabilities ``softmax(logits / T)`` by a stable
+    softmax (T = 1 when ``temperature`` is None), the argmax and its name."""
     logits = np.stack(batch["logits"]).astype(np.float64)
+    if temperature is not None:
+        logits = logits / temperature
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     prediction = probs.argmax(axis=1)
@@ -229,7 +236,7 @@ def _to_rows(batch: dict, class_names: list[str]) -> dict:
 
 def write_predictions(checkpoint: str, input_uri: str, split: str | None, output: str, version: str, *,
                       image_size: int, class_names: list[str], total: int | None, num_actors: int,
-                      use_gpu: bool, batch_size: int, spec=None) -> list[str]:
+                      use_gpu: bool, batch_size: int, spec=None, temperature: float | None = None) -> list[str]:
     """Score every input image and write the Parquet files into ``<output>/<version>``; returns their names.
 
     Runs as a Ray task (``ray_runtime.run_as_task``). On any failure it removes what it wrote; a
@@ -246,7 +253,7 @@ def write_predictions(checkpoint: str, input_uri: str, split: str | None, output
                             num_actors=num_actors, use_gpu=use_gpu, batch_size=batch_size, spec=spec)
         writer = _PartWriter(fs, folder, OUTPUT_ROWS_PER_FILE)
         for batch in ds.map_batches(_to_rows, batch_format="numpy",
-                                    fn_kwargs={"class_names": class_names}).iter_batches(
+                                    fn_kwargs={"class_names": class_names, "temperature": temperature}).iter_batches(
                 batch_size=None, batch_format="pyarrow"):
             writer.write(batch)
             progress.update(batch.num_rows)
@@ -266,16 +273,20 @@ def write_predictions(checkpoint: str, input_uri: str, split: str | None, output
 
 
 def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None = None, num_actors: int = 1,
-            use_gpu: bool = False, overwrite: bool = False, batch_size: int = 64) -> dict:
+            use_gpu: bool = False, overwrite: bool = False, batch_size: int = 64, calibration: bool = True) -> dict:
     """Write predictions for every image of ``input_uri``; returns the ``_SUCCESS.json`` content.
 
-    Every check (checkpoint, input shards, overlap, what is at ``output``) runs before Ray starts.
+    ``calibration``: apply the run's temperature (``<run>/calibration.json``) when it has one; the
+    line it prints and ``_SUCCESS.json``'s ``temperature`` and ``temperature_source`` say which.
+    Every check (checkpoint, calibration, input shards, overlap, what is at ``output``) runs before
+    Ray starts.
     """
     from ray_jobs.runtime.ray_setup import run_as_task
     from shards import check_shards
 
     checkpoint = resolve_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint)
+    temperature, temperature_source = run_temperature(checkpoint, calibration)
     check_not_overlapping(input_uri, output)
     previous_files, stale = _previous_output(output, overwrite)
     in_fs, in_path = storage.resolve(input_uri)
@@ -288,18 +299,20 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
     tree = OutputTree(out_fs, out_path, output)
     for entry in _replaced(previous_files, stale, keep=version):  # a symlink out of --output: refused now
         tree.target(entry, where=storage.join(output, SUCCESS))
+    print(describe(temperature, temperature_source), flush=True)
     started = time.perf_counter()
     names = run_as_task(write_predictions, checkpoint, input_uri, split, output, version,
                         image_size=state["config"]["data"]["image_size"], class_names=state["class_names"],
                         total=_row_count(input_uri, split), num_actors=num_actors, use_gpu=use_gpu,
-                        batch_size=batch_size, spec=InputSpec.from_dict(state.get("input")))
+                        batch_size=batch_size, spec=InputSpec.from_dict(state.get("input")), temperature=temperature)
     files = [f"{version}/{name}" for name in names]
     try:
         import pyarrow.parquet as pq
 
         rows = sum(pq.ParquetFile(f"{out_path}/{f}", filesystem=out_fs).metadata.num_rows for f in files)
         success = {"files": files, "rows": rows, "checkpoint": checkpoint, "input": input_uri,
-                   "class_names": state["class_names"], "seconds": round(time.perf_counter() - started, 2)}
+                   "class_names": state["class_names"], "temperature": temperature,
+                   "temperature_source": temperature_source, "seconds": round(time.perf_counter() - started, 2)}
         storage.write_bytes_atomic(out_fs, f"{out_path}/{SUCCESS}", json.dumps(success, indent=2).encode(), output)
     except BaseException:
         tree.discard([version])
