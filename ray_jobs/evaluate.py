@@ -11,21 +11,21 @@ import argparse
 import sys
 
 from ray_jobs.classifier.evaluation import evaluate
-from ray_jobs.runtime.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_verbose_flag, parser, run_main
 from shards import storage
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n")[0])
+    p = parser("medbalance evaluate", __doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint dir/file, or a run folder")
     p.add_argument("--data", required=True, help="dataset URI")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
     p.add_argument("--out", required=True, help="report folder (local or s3://)")
     p.add_argument("--calibrate", action="store_true",
                    help="fit temperature scaling on val and keep it in <run>/calibration.json (the checkpoint "
                         "folder's parent for a checkpoint_* folder), applied by predict and export")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas in the Ray Data actor pool")
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="one GPU per model replica (default: CPU)")
     add_verbose_flag(p)
     return p
 

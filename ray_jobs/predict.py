@@ -13,18 +13,18 @@ import argparse
 import sys
 
 from ray_jobs.classifier.prediction import predict
-from ray_jobs.runtime.cli import add_verbose_flag, run_main
+from ray_jobs.runtime.cli import add_verbose_flag, parser, run_main
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.predict", description=__doc__.split("\n")[0])
+    p = parser("medbalance predict", __doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint dir/file, or a run folder")
     p.add_argument("--input", required=True, help="shard dataset URI or image folder")
     p.add_argument("--output", required=True, help="output folder URI (Parquet)")
     p.add_argument("--split", default=None, help="for shard input: one split (default: all)")
-    p.add_argument("--num-actors", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--num-actors", type=int, default=1, help="model replicas in the Ray Data actor pool")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    p.add_argument("--gpu", action="store_true", help="one GPU per model replica (default: CPU)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier predictions at --output (only after the new ones are complete)")
     p.add_argument("--no-calibration", action="store_true",

@@ -94,5 +94,5 @@ def test_layers_import_downwards_and_no_job_imports_a_job():
 
 def test_the_top_of_ray_jobs_holds_only_the_jobs():
     top = sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py") if p.stem != "__init__")
-    assert set(top) - {"resources"} == JOBS, top
+    assert set(top) - {"resources", "__main__"} == JOBS, top
     assert len(top) <= 10
