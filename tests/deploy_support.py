@@ -31,6 +31,27 @@ def load_yaml(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
+# ----------------------------------------------------------------------------- the pins
+def pinned(package: str) -> str:
+    """The version constraints.txt pins ``package`` to (``name==version``)."""
+    match = re.search(rf"^{re.escape(package)}==(\S+)\s*$", (REPO / "constraints.txt").read_text(),
+                      re.MULTILINE | re.IGNORECASE)
+    assert match, f"constraints.txt pins no {package}"
+    return match.group(1)
+
+
+def pyproject() -> dict:
+    """pyproject.toml, parsed."""
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def image_tag() -> str:
+    """The tag every cluster file runs: the project's version (cluster/Dockerfile's build command)."""
+    return pyproject()["project"]["version"]
+
+
 def node_base_env(home: Path, temp_dir: Path) -> dict[str, str]:
     """What a fresh machine or container gives a node: no RAY_*/AWS_* variable of this process, an
     empty home of its own (no ~/.ray/auth_token unless the files put one there), our venv's `ray`

@@ -1,9 +1,11 @@
-"""cluster/kuberay-raycluster.yaml, started as KubeRay starts it: the head's and the GPU worker
-group's `rayStartParams` and container environment become the `ray start` lines KubeRay v1.6
-generates (``ulimit -n 65536; ray start --key=value ... --block``, run by ``/bin/bash -c``), the
-secrets are the ones cluster/README.md's ``kubectl create secret`` commands make, and KubeRay's
-``authOptions`` injection is applied. Only ports, addresses and CPU counts are overridden to fit
-one machine. Then a job goes in with the client environment cluster/README.md documents.
+"""cluster/kuberay-raycluster.yaml and cluster/kuberay-rayjob.yaml, started as KubeRay starts them:
+the head's and the GPU worker group's `rayStartParams` and container environment become the
+`ray start` lines KubeRay v1.6 generates (``ulimit -n 65536; ray start --key=value ... --block``,
+run by ``/bin/bash -c``), the secrets are the ones cluster/README.md's ``kubectl create secret``
+commands make, and KubeRay's ``authOptions`` injection is applied. Only ports, addresses and CPU
+counts are overridden to fit one machine. Then a job goes in: on the RayCluster with the client
+environment cluster/README.md documents, on the RayJob's cluster with the environment KubeRay
+gives its submitter (``authOptions`` only), the entrypoint replaced by a probe.
 
 Not emulated (no Kubernetes here): the pods, the Services, the autoscaler sidecar, the image.
 """
@@ -32,10 +34,10 @@ def kubernetes_commands() -> list[str]:
     return shell_commands(markdown_section((CLUSTER / "README.md").read_text(), "Command log: Kubernetes"))
 
 
-@pytest.fixture(scope="module")
-def kuberay(tmp_path_factory):
+@pytest.fixture(scope="module", params=["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def kuberay(request, tmp_path_factory):
     """Head + one GPU-group worker started from the manifest (see the module docstring)."""
-    spec = kuberay_cluster_spec(load_yaml("kuberay-raycluster.yaml"))
+    spec = kuberay_cluster_spec(load_yaml(request.param))
     token = secrets.token_hex(16)
     made = documented_secrets(kubernetes_commands(), token)
     temp = Path(tempfile.mkdtemp(prefix="mbkr-", dir="/tmp"))  # short: socket paths are length-limited
@@ -60,18 +62,33 @@ def kuberay(tmp_path_factory):
         worker = nodes.start("worker", kuberay_start_line(params, head=False), env)
         wait_until(lambda: alive_nodes(address, head_env) >= 2, worker, f"the {GPU_GROUP!r} worker",
                    lambda: nodes.log("worker"))
-        yield {"dashboard": f"http://127.0.0.1:{dashboard}", "token": token, "temp": temp, "spec": spec}
+        yield {"dashboard": f"http://127.0.0.1:{dashboard}", "token": token, "temp": temp, "spec": spec,
+               "manifest": request.param, "secrets": made}
     finally:
         nodes.stop()
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def client(kuberay) -> tuple[dict[str, str], list[str]]:
+    """The submitting client's environment and `ray job submit` words: for the RayCluster, exactly
+    what cluster/README.md sets; for the RayJob, what KubeRay gives the submitter it runs (the
+    ``authOptions`` variables; its command ``ray job submit --address http://HEAD:8265 -- ENTRYPOINT``,
+    here with ``--working-dir .`` to ship the probe)."""
+    home = client_base_env(kuberay["temp"] / "home-client")
+    if kuberay["manifest"] == "kuberay-rayjob.yaml":
+        submitter = {"template": {"spec": {"containers": [{}]}}}
+        env = kuberay_container_env(kuberay["spec"], submitter, kuberay["secrets"])
+        return {**home, **env}, ["ray", "job", "submit", "--address", "http://head:8265", "--working-dir", ".", "--"]
+    documented, words = documented_client_env(kubernetes_commands())
+    return {**home, **resolve_documented_env(documented, kuberay["token"])}, words
+
+
 def test_documented_client_runs_a_job_on_both_nodes(kuberay):
-    """`ray job submit` with exactly the variables cluster/README.md sets: the job runs, sees the
+    """`ray job submit` with exactly the variables cluster/README.md sets (or KubeRay gives a RayJob's
+    submitter): the job runs, sees the
     head and the GPU worker alive, runs a task on each, and a 1-GPU task on the GPU worker (its
     ``num-gpus`` comes from the pod's ``nvidia.com/gpu`` limit, as KubeRay sets it)."""
-    documented, words = documented_client_env(kubernetes_commands())
-    env = {**client_base_env(kuberay["temp"] / "home-client"), **resolve_documented_env(documented, kuberay["token"])}
+    env, words = client(kuberay)
     out = submit(kuberay["dashboard"], words, ["python", "tests/cluster_probe.py", json.dumps({"num_gpus": 1})], env)
     seen = probe(out)
     assert len(seen["alive"]) == 2 and seen["ran_on"] == seen["alive"], seen

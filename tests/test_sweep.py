@@ -208,8 +208,8 @@ def test_sweep_killed_resumed_through_job_submit(ray_cluster, colour_data, tmp_p
     restored = re.search(r"restored the Optuna searcher: its study holds (\d+) finished trial", out)
     assert restored, out[-4000:]
     assert int(restored.group(1)) == len(finished) >= 1
-    rungs = json.loads((runs / "s" / "asha_rungs.json").read_text())   # ASHA's rungs, kept across the kill
-    assert len({trial for bracket in rungs for _, recorded in bracket for trial in recorded}) == 4
+    asha = json.loads((runs / "s" / "asha_rungs.json").read_text())   # ASHA's state, kept across the kill
+    assert len({trial for bracket in asha["rungs"] for _, recorded in bracket for trial in recorded}) == 4
     for path, stamp in stamps.items():  # finished trials were not trained again
         assert os.stat(path).st_mtime_ns == stamp, path
     with open(runs / "s" / "trials.csv") as f:
@@ -220,6 +220,7 @@ def test_sweep_killed_resumed_through_job_submit(ray_cluster, colour_data, tmp_p
         by_status.setdefault(row["status"], []).append(row)
     assert set(by_status) == {"finished", "stopped early", "failed"}, rows
     assert all(float(r["optim.lr"]) < 1e-5 for r in by_status["stopped early"])
+    assert set(asha["stopped"]) == {r["trial_id"] for r in by_status["stopped early"]}  # what ASHA stopped
     [failed] = by_status["failed"]
     assert "non-finite loss" in failed["message"] and "epoch 1 step 0" in failed["message"]
     # Both learning rates may finish (ASHA can only stop a trial behind one already at its rung).
