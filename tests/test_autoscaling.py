@@ -1,4 +1,4 @@
-"""Jobs on an autoscaling cluster that starts with no worker node (ray_jobs/resources.py).
+"""Jobs on an autoscaling cluster that starts with no worker node (ray_jobs/runtime/resources.py).
 
 The cluster is Ray's own fake autoscaler: the ``fake_multinode`` node provider that Ray's
 ``ray.cluster_utils.AutoscalingCluster`` uses in Ray's tests. Its head runs the real autoscaler
@@ -12,7 +12,7 @@ starts the head as a child process, ended by its process group id; the nodes the
 launched live in that group too.
 
 The head has no CPU and no GPU, as a KubeRay head with ``num-cpus: 0`` and no GPU worker up yet:
-before ray_jobs/resources.py asked the autoscaler, ``train`` failed with "the cluster has 0 CPUs"
+before ray_jobs/runtime/resources.py asked the autoscaler, ``train`` failed with "the cluster has 0 CPUs"
 and ``sweep --gpu`` with "a trial needs 1 GPUs but the cluster has 0".
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def autoscaling_cluster(tmp_path):
 GPU_SWEEP_JOB = """
 import json, ray
 from ray_jobs.ray_runtime import init_ray
-from ray_jobs.resources import plan_trials
+from ray_jobs.runtime.resources import plan_trials
 init_ray()
 concurrent, cpus = plan_trials(num_workers=1, use_gpu=True, trials=2)
 @ray.remote(num_gpus=1)

@@ -2,7 +2,7 @@
 
 Layers, lowest first: ``medbalance``; the domain packages ``shards``, ``models``, ``losses``,
 ``metrics``, ``gan`` (each imports only itself and ``medbalance``); ``ray_jobs.runtime`` (with
-``ray_jobs.resources``); ``ray_jobs.classifier``; ``ray_jobs.gcgan`` and ``ray_jobs.sweeps``; the
+``ray_jobs.runtime.resources``); ``ray_jobs.classifier``; ``ray_jobs.gcgan`` and ``ray_jobs.sweeps``; the
 jobs at the top of ``ray_jobs/``. A module imports its own layer or lower ones, never a job.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from conftest import REPO
 PACKAGES = ("medbalance", "shards", "models", "losses", "metrics", "gan", "ray_jobs")
 JOBS = {"prepare", "train", "evaluate", "predict", "export", "demo", "sweep", "compare", "gan"}
 # What each part of ray_jobs may import from ray_jobs (besides itself).
-ALLOWED = {"runtime": {"runtime"}, "resources": {"runtime"}, "classifier": {"runtime", "resources"},
-           "gcgan": {"runtime", "resources", "classifier"}, "sweeps": {"runtime", "resources", "classifier"}}
+ALLOWED = {"runtime": {"runtime"}, "classifier": {"runtime"}, "gcgan": {"runtime", "classifier"},
+           "sweeps": {"runtime", "classifier"}}
 
 
 def module_name(path: Path) -> str:
@@ -94,5 +94,5 @@ def test_layers_import_downwards_and_no_job_imports_a_job():
 
 def test_the_top_of_ray_jobs_holds_only_the_jobs():
     top = sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py") if p.stem != "__init__")
-    assert set(top) - {"resources", "__main__"} == JOBS, top
+    assert set(top) - {"__main__"} == JOBS, top   # __main__: the `medbalance <job>` dispatcher
     assert len(top) <= 10

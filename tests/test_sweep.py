@@ -24,7 +24,7 @@ import yaml
 from medbalance.errors import ConfigError
 from metrics.comparison import paired_difference, summarize, to_markdown
 from ray_jobs.classifier.config import TrainConfig
-from ray_jobs.resources import TRIAL_DRIVER_CPUS, plan_cpus, plan_trials
+from ray_jobs.runtime.resources import TRIAL_DRIVER_CPUS, plan_cpus, plan_trials
 from ray_jobs.runtime import configs as config_lib
 from ray_jobs.sweeps.config import SweepConfig
 from ray_jobs.sweeps.search_space import parse_space

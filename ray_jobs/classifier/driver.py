@@ -59,7 +59,7 @@ def prepare_run(cfg: TrainConfig, resume: str = "auto"):
     existing = run.check_resume(resume)
     if existing:
         say(f"{run.uri} has results: resuming from its last checkpoint (use another --name to start over)")
-    from ray_jobs.resources import plan_cpus
+    from ray_jobs.runtime.resources import plan_cpus
 
     init_ray()  # only now: every check above runs in seconds, before Ray starts
 

@@ -22,7 +22,7 @@ class GanConfig:
     batch_size: int = 2                # per worker (authors: 2 on one GPU)
     num_workers: int = 1               # DDP workers per class
     use_gpu: bool = False
-    cpus_per_worker: float | None = None   # None: derived from the cluster (ray_jobs.resources.plan_cpus)
+    cpus_per_worker: float | None = None   # None: derived from the cluster (ray_jobs.runtime.resources.plan_cpus)
     concurrent: int = 0                # class runs at once; 0: as many as the cluster fits
     nz: int = 256
     ngf: int = 64

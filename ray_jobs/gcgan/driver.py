@@ -66,7 +66,7 @@ def plan_concurrency(cfg: GanConfig, num_classes: int) -> tuple[int, float]:
     """``(class runs at once, CPUs per worker)`` for the connected cluster."""
     import ray
 
-    from ray_jobs.resources import plan_cpus
+    from ray_jobs.runtime.resources import plan_cpus
 
     resources = ray.cluster_resources()
     if cfg.concurrent:

@@ -153,7 +153,7 @@ def compare(cfg: CompareConfig, resume: bool = False) -> dict:
     """
     from ray import tune
 
-    from ray_jobs.resources import plan_trials
+    from ray_jobs.runtime.resources import plan_trials
     from ray_jobs.runtime.ray_setup import init_ray
     from ray_jobs.sweeps.search import QUIET_LINES
 

@@ -31,7 +31,7 @@ class SweepConfig:
     space: dict = dataclasses.field(default_factory=dict)
     points_to_evaluate: list = dataclasses.field(default_factory=list)   # [{key: value}] tried first
     scheduler: SchedulerSection = dataclasses.field(default_factory=SchedulerSection)
-    max_concurrent_trials: int = 0   # 0: as many as the cluster fits (ray_jobs.resources.plan_trials)
+    max_concurrent_trials: int = 0   # 0: as many as the cluster fits (ray_jobs.runtime.resources.plan_trials)
     status_interval: float = 60.0    # seconds between Tune's status tables
     base: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 

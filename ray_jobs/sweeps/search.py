@@ -10,7 +10,7 @@ The search (``SweepConfig``, ``ray_jobs.sweeps.config``): Optuna's TPE (or rando
 metric trails at its rungs. Each trial trains ``base`` with its sampled keys set
 (``ray_jobs.sweeps.search_space``), as ``ray_jobs.train`` does, on its own ``num_workers`` workers
 (``ray_jobs.sweeps.tuning``); as many trials run at once as the cluster fits with CPUs left to the data
-pipelines (``ray_jobs.resources.plan_trials``).
+pipelines (``ray_jobs.runtime.resources.plan_trials``).
 
 Results in ``<storage>/<name>/``: ``sweep.yaml`` (the resolved config), ``trials.csv``,
 ``best_config.yaml`` (``python -m ray_jobs.train --config best_config.yaml`` trains it),
@@ -147,7 +147,7 @@ def sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     distributions = parse_space(cfg.space, cfg.base, class_counts)
     check_points(cfg.points_to_evaluate, distributions, cfg.base, class_counts)
 
-    from ray_jobs.resources import plan_trials
+    from ray_jobs.runtime.resources import plan_trials
     from ray_jobs.runtime.ray_setup import add_quiet_worker_lines, init_ray
 
     add_quiet_worker_lines(*QUIET_LINES)

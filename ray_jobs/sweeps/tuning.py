@@ -4,8 +4,8 @@ Under Ray 2.60 (Train V2) a trial is a small function trainable, :func:`run_tria
 trial's ``TrainConfig`` and calls ``ray_jobs.classifier.driver.fit`` (the same ``train_loop_per_worker``, data
 pipelines and run folder as the training job) with :class:`EpochReport` in the ``RunConfig``
 callbacks, so every epoch's validation metrics reach Tune while the run trains. The trial driver
-holds :data:`~ray_jobs.resources.TRIAL_DRIVER_CPUS`; its workers hold what
-:func:`~ray_jobs.resources.plan_trials` gave them.
+holds :data:`~ray_jobs.runtime.resources.TRIAL_DRIVER_CPUS`; its workers hold what
+:func:`~ray_jobs.runtime.resources.plan_trials` gave them.
 
 Layout of a sweep or comparison folder ``<storage>/<name>/``::
 
@@ -314,7 +314,7 @@ def run_tuner(*, sweep_uri: str, base: dict, methods: dict | None, param_space: 
     from ray import tune
     from ray.tune import CLIReporter
 
-    from ray_jobs.resources import TRIAL_DRIVER_CPUS
+    from ray_jobs.runtime.resources import TRIAL_DRIVER_CPUS
 
     # Tune's classic reporter: one status table at most every `status_interval` seconds, no
     # per-trial result tables (the callbacks print one line per finished trial instead).
