@@ -84,6 +84,10 @@ def test_two_classes_train_concurrently_and_survive_a_lost_worker(gan_run):
         grids = [Path(p).name for p in run["sample_grids"]]
         assert grids == ["iter_000002.png", "iter_000004.png"]
         assert Path(run["sample_grids"][-1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        folder = Path(run["sample_grids"][-1]).parents[1]   # the class's run: metrics.csv per checkpoint
+        curve = (folder / "metrics.csv").read_text().splitlines()
+        assert curve[0].startswith("iteration,") and [line.split(",")[0] for line in curve[1:]] == ["2", "4"]
+        assert (folder / "learning_curves.png").stat().st_size > 0 and (folder / "tensorboard").is_dir()
     assert summary["checkpoint"] == saved["checkpoint"]
 
 

@@ -5,6 +5,7 @@ RetinaMNIST) keep this fast on 2 CPU cores.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -69,6 +70,12 @@ def test_two_worker_run_end_to_end(ray_cluster, tiny_data, tmp_path):
     model = model_from_checkpoint(state)
     assert model(torch.zeros(1, 3, 28, 28)).shape == (1, 5)
     assert (tmp_path / "runs" / "e2e" / "config.yaml").exists()
+    # The learning curve: one row per epoch, TensorBoard events, the PNG (ray_jobs.runtime.history).
+    with open(tmp_path / "runs" / "e2e" / "metrics.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in curve] == [0, 1] and {"train_loss", "val_macro_f1", "lr"} <= set(curve[0])
+    assert (tmp_path / "runs" / "e2e" / "tensorboard" / "events.out.tfevents.medbalance").stat().st_size > 0
+    assert (tmp_path / "runs" / "e2e" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     # --fresh refuses a name with results.
     with pytest.raises(ConfigError, match="already has results"):
         fit(make_cfg(tiny_data, str(tmp_path / "runs"), "e2e"), resume="fresh")

@@ -22,9 +22,11 @@ from ray_jobs.classifier.step import ClassifierStep, build_step, train_one_epoch
 from ray_jobs.runtime import collectives
 from ray_jobs.runtime import configs as config_lib
 from ray_jobs.runtime.checkpoint import report, restore_state
+from ray_jobs.runtime.history import RunHistory
 from ray_jobs.runtime.progress import say
 from ray_jobs.runtime.ray_setup import quiet_ray_train
 from ray_jobs.runtime.seeding import seed_everything
+from shards import storage
 
 
 def _maybe_inject_fault(hooks: dict, rank: int, epoch: int) -> None:
@@ -66,9 +68,10 @@ def epoch_metrics(epoch: int, train: dict, val: dict, lr: float) -> dict:
     return {k: (float("nan") if v is None else v) for k, v in metrics.items()}
 
 
-def _report_epoch(step: ClassifierStep, cfg: TrainConfig, metrics: dict, seconds: float, extra: dict) -> None:
-    """Every worker reports ``metrics``; rank 0 says them and writes the checkpoint (``extra``:
-    class names and counts, the input spec)."""
+def _report_epoch(step: ClassifierStep, cfg: TrainConfig, metrics: dict, seconds: float, extra: dict,
+                  history: RunHistory | None) -> None:
+    """Every worker reports ``metrics``; rank 0 says them, writes the checkpoint (``extra``: class
+    names and counts, the input spec) and adds the epoch to the run's ``history``."""
     if step.rank != 0:
         report(metrics)
         return
@@ -80,6 +83,7 @@ def _report_epoch(step: ClassifierStep, cfg: TrainConfig, metrics: dict, seconds
         "class_names": extra["class_names"], "class_counts": extra["class_counts"],
         "metrics": metrics, "input": extra["input"],
     }, files={"config.yaml": config_lib.dump_yaml(cfg)})
+    history.append(metrics)
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -108,6 +112,7 @@ def train_loop_per_worker(config: dict) -> dict:
     step = build_step(cfg, len(class_names), class_counts, spec, ray.train.torch.get_device(),
                       rank=rank, world=world, wrap=ray.train.torch.prepare_model)
     start_epoch = _resume(step, resume_from, rank)
+    history = RunHistory(storage.join(cfg.storage, cfg.name), "epoch") if rank == 0 else None
 
     _maybe_inject_fault(cfg.fault_injection, rank, -1)
     # Where each rank runs (node id, host), for the run's result: a cluster run can show its spread.
@@ -122,7 +127,7 @@ def train_loop_per_worker(config: dict) -> dict:
             train = train_one_epoch(step, train_shard, cfg, epoch)
             val = validate(step, val_shard, cfg, epoch, class_names)
             metrics = epoch_metrics(epoch, train, val, step.optimizer.param_groups[0]["lr"])
-            _report_epoch(step, cfg, metrics, train["seconds"], extra)
+            _report_epoch(step, cfg, metrics, train["seconds"], extra, history)
     except collectives.Stop as stop:
         if rank == 0:
             say(stop.message)

@@ -29,6 +29,7 @@ from medbalance.errors import ConfigError
 from ray_jobs.gcgan.config import GanConfig
 from ray_jobs.runtime import collectives
 from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.history import GAN_PANELS, RunHistory
 from ray_jobs.runtime.progress import say
 from shards import storage
 
@@ -132,6 +133,23 @@ def write_sample_grid(step, cfg: GanConfig, run_uri: str, noise: torch.Tensor, i
     return uri
 
 
+def _report(step, cfg: GanConfig, config: dict, metrics: dict, sampling: tuple, history) -> None:
+    """Every worker reports ``metrics``; rank 0 (``history`` set) also writes the sample grid (from
+    ``sampling`` = (fixed noise, autocast dtype)), the checkpoint and the run's history row."""
+    from ray_jobs.runtime.checkpoint import report
+
+    if history is None:
+        report(metrics)
+        return
+    done = metrics["iteration"]
+    sample = write_sample_grid(step, cfg, config["run_uri"], sampling[0], done, sampling[1])
+    state = {**step.state_dict(), "iteration": done, "config": config_lib.to_dict(cfg),
+             "class_name": config["class_name"], "class_index": config["class_index"],
+             "reconstruction": step.reconstruction.name, "metrics": metrics, "sample_grid": sample}
+    report(metrics, state=state, files={"config.yaml": config_lib.dump_yaml(cfg)})
+    history.append(metrics)
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """One Ray Train worker of one class's GAN.
 
@@ -147,7 +165,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     from gan import Discriminator, GanStep, Generator, ReconstructionLoss, real_batch
     from ray_jobs.runtime.amp import amp_dtype
-    from ray_jobs.runtime.checkpoint import report, restore_state
+    from ray_jobs.runtime.checkpoint import restore_state
     from ray_jobs.runtime.ray_setup import quiet_ray_train
     from ray_jobs.runtime.seeding import seed_everything
 
@@ -178,6 +196,7 @@ def train_loop_per_worker(config: dict) -> dict:
         noise = torch.randn(cfg.num_samples, cfg.nz, generator=torch.Generator().manual_seed(cfg.seed + FIXED_NOISE_SEED))
         noise = noise.to(device)
         sampler = ClassSampler(len(images), cfg.seed)
+        history = RunHistory(run_uri, "iteration", GAN_PANELS) if rank == 0 else None
         hooks = cfg.fault_injection
         sums: dict[str, float] = {}
         since, last = 0, time.perf_counter()
@@ -201,14 +220,7 @@ def train_loop_per_worker(config: dict) -> dict:
                        "iterations_per_s": since / max(seconds, 1e-9),
                        "images_per_s": since * world * cfg.batch_size / max(seconds, 1e-9),
                        **peak_memory(device)}
-            if rank == 0:
-                sample = write_sample_grid(step, cfg, run_uri, noise, done, autocast_dtype)
-                state = {**step.state_dict(), "iteration": done, "config": config_lib.to_dict(cfg),
-                         "class_name": class_name, "class_index": config["class_index"],
-                         "reconstruction": step.reconstruction.name, "metrics": metrics, "sample_grid": sample}
-                report(metrics, state=state, files={"config.yaml": config_lib.dump_yaml(cfg)})
-            else:
-                report(metrics)
+            _report(step, cfg, config, metrics, (noise, autocast_dtype), history)
             sums, since, last = {}, 0, time.perf_counter()
     except collectives.Stop as stop:
         if rank == 0:
