@@ -15,15 +15,16 @@ import os
 import time
 
 
-from medbalance.errors import ConfigError, DataError, TrainingError
+from medbalance.errors import ConfigError, DataError
 from ray_jobs.classifier.config import TrainConfig
 from ray_jobs.classifier.pipeline import build_datasets, input_spec
+from ray_jobs.classifier.worker import train_loop_per_worker
 from ray_jobs.runtime import configs as config_lib
 from ray_jobs.runtime.data_errors import data_error_message
 from ray_jobs.runtime.progress import say
 from ray_jobs.runtime.ray_setup import init_ray
 from ray_jobs.runtime.run_dir import RESULT_FILE, RunDir, checkpoint_uri
-from ray_jobs.classifier.worker import train_loop_per_worker
+from ray_jobs.runtime.training_run import RunSpec, raise_for_status, torch_trainer
 from shards import storage
 
 
@@ -84,29 +85,15 @@ def prepare_run(cfg: TrainConfig, resume: str = "auto"):
 
 
 def make_trainer(cfg: TrainConfig, loop_config: dict, datasets: dict, callbacks: list | None = None):
-    """The ``TorchTrainer`` of one run (its storage is ``cfg.storage``, its name ``cfg.name``)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    fs, path = storage.resolve(cfg.storage)
-    storage.ensure_dir(fs, path, cfg.storage)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=cfg.checkpoint_metric,
-                checkpoint_score_order=cfg.checkpoint_mode),
-            logging_config=ray.train.LoggingConfig(log_level=cfg.log_level)),
-        datasets=datasets,
-        # Only train is split; validation is scored whole (see evaluate_shard).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
+    """The ``TorchTrainer`` of one run (``runtime.training_run``: its storage is ``cfg.storage``,
+    its name ``cfg.name``; checkpoints ranked by ``cfg.checkpoint_metric``). Only train is split
+    between the workers; validation is scored whole (see ``step.evaluate_shard``)."""
+    spec = RunSpec(name=cfg.name, storage=cfg.storage, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                   cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                   keep_checkpoints=cfg.keep_checkpoints, log_level=cfg.log_level,
+                   placement_strategy=cfg.placement_strategy, score=(cfg.checkpoint_metric, cfg.checkpoint_mode))
+    return torch_trainer(train_loop_per_worker, loop_config, spec, datasets=datasets, split=["train"],
+                         callbacks=callbacks)
 
 
 def summarize(cfg: TrainConfig, result, manifest, seconds: float) -> dict:
@@ -129,14 +116,6 @@ def summarize(cfg: TrainConfig, result, manifest, seconds: float) -> dict:
     }
 
 
-def raise_for_status(summary: dict) -> None:
-    """Turn a run that stopped on its own (bad loss, damaged data) into the project's error."""
-    if summary["status"] == "non_finite":
-        raise TrainingError(f"{summary['message']} Last good checkpoint: {summary['last_checkpoint']}")
-    if summary["status"] == "data_error":
-        raise DataError(summary["message"])
-
-
 def fit(cfg: TrainConfig, resume: str = "auto", callbacks: list | None = None) -> dict:
     """Train ``cfg`` on the connected Ray cluster; write and return ``result.json``'s content.
 
@@ -153,5 +132,5 @@ def fit(cfg: TrainConfig, resume: str = "auto", callbacks: list | None = None) -
     run = run_dir(cfg)
     run.write_bytes("config.yaml", config_lib.dump_yaml(cfg).encode())
     run.write_json(RESULT_FILE, summary)
-    raise_for_status(summary)
+    raise_for_status(summary["status"], summary["message"], summary["last_checkpoint"])
     return summary

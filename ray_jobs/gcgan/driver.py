@@ -21,11 +21,13 @@ import re
 import statistics
 import time
 
-from medbalance.errors import ConfigError, DataError, TrainingError
+from medbalance.errors import ConfigError
 from ray_jobs.gcgan.config import GanConfig
 from ray_jobs.runtime import configs as config_lib
 from ray_jobs.runtime.progress import say
-from ray_jobs.runtime.run_dir import RESULT_FILE, RESUME_MODES, RunDir, checkpoint_uri
+from ray_jobs.runtime import training_run
+from ray_jobs.runtime.run_dir import RESULT_FILE, RunDir, apply_resume_mode, checkpoint_uri
+from ray_jobs.runtime.training_run import RunSpec, torch_trainer
 from shards import storage
 
 
@@ -66,7 +68,7 @@ def plan_concurrency(cfg: GanConfig, num_classes: int) -> tuple[int, float]:
     """``(class runs at once, CPUs per worker)`` for the connected cluster."""
     import ray
 
-    from ray_jobs.runtime.resources import plan_cpus
+    from ray_jobs.runtime.resources import data_reserve, plan_cpus
 
     resources = ray.cluster_resources()
     if cfg.concurrent:
@@ -75,7 +77,7 @@ def plan_concurrency(cfg: GanConfig, num_classes: int) -> tuple[int, float]:
         concurrent = int(resources.get("GPU", 0)) // cfg.num_workers
     else:
         total = float(resources.get("CPU", 0))
-        concurrent = int((total - max(1.0, 0.25 * total)) // cfg.num_workers)
+        concurrent = int((total - data_reserve(total)) // cfg.num_workers)
     concurrent = max(1, min(num_classes, concurrent))
     return concurrent, plan_cpus(cfg.num_workers * concurrent, cfg.use_gpu, cfg.cpus_per_worker)
 
@@ -94,33 +96,20 @@ def class_dataset(cfg: GanConfig, class_index: int):
 
 def fit_class(cfg_dict: dict, class_index: int, class_name: str, run_name: str) -> dict:
     """Train one class's GAN with a ``TorchTrainer`` (runs inside a Ray task); its summary."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from ray_jobs.gcgan.worker import SAMPLES_DIR, train_loop_per_worker
 
     cfg = config_lib.from_dict(GanConfig, cfg_dict)
     job = RunDir(cfg.storage, cfg.name)
     run = RunDir(job.uri, run_name)
     resume_from = run.latest_checkpoint()
-    fs, path = storage.resolve(job.uri)
-    storage.ensure_dir(fs, path, job.uri)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dict, "class_name": class_name, "class_index": class_index,
-                           "run_uri": run.uri, "resume_from": resume_from},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            logging_config=ray.train.LoggingConfig(log_level=cfg.log_level)),
-        datasets={"train": class_dataset(cfg, class_index)},
-        # Not split: every worker holds the (small) class and samples its own slice of it.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-    )
+    spec = RunSpec(name=run_name, storage=job.uri, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                   cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
+                   keep_checkpoints=cfg.keep_checkpoints, log_level=cfg.log_level)
+    loop_config = {"cfg": cfg_dict, "class_name": class_name, "class_index": class_index, "run_uri": run.uri,
+                   "resume_from": resume_from}
+    # Not split: every worker holds the (small) class and samples its own slice of it.
+    trainer = torch_trainer(train_loop_per_worker, loop_config, spec,
+                            datasets={"train": class_dataset(cfg, class_index)}, split=[])
     started = time.time()
     result = trainer.fit()
     outcome = result.return_value or {}
@@ -156,8 +145,6 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
     from shards import check_shards
 
     cfg.check()
-    if resume not in RESUME_MODES:
-        raise ConfigError(f"unknown resume mode {resume!r}; use one of {RESUME_MODES}")
     reconstruction = ReconstructionLoss(cfg.lpips_weights).name  # a bad LPIPS file fails here, once
     storage.check_folder(cfg.storage, "--storage")
     manifest = check_shards(cfg.data, splits=["train"])
@@ -165,11 +152,7 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
     names = run_names(classes)
     job = RunDir(cfg.storage, cfg.name)
     existing = job.has_results() or any(RunDir(job.uri, n).has_results() for n in names.values())
-    if resume == "fresh" and existing:
-        raise ConfigError(f"{job.uri} already has results; choose another --name, or drop --fresh to resume it")
-    if resume == "resume" and not existing:
-        raise ConfigError(f"--resume: {job.uri} has no results to resume")
-    if existing:
+    if apply_resume_mode(resume, job.uri, existing):
         say(f"{job.uri} has results: each class resumes from its newest checkpoint")
     init_ray()
     concurrent, cfg.cpus_per_worker = plan_concurrency(cfg, len(classes))
@@ -199,10 +182,9 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
 
 
 def raise_for_status(per_class: dict) -> None:
-    """A class run that stopped on its own (bad loss, damaged data) becomes the project's error."""
-    for run in per_class.values():
-        if run["status"] == "data_error":
-            raise DataError(run["message"])
-    for name, run in per_class.items():
-        if run["status"] == "non_finite":
-            raise TrainingError(f"{run['message']} Last good checkpoint of {name!r}: {run['checkpoint']}")
+    """A class run that stopped on its own (damaged data first, then a bad loss) becomes the
+    project's error (``runtime.training_run.raise_for_status``)."""
+    for status in ("data_error", "non_finite"):
+        for name, run in per_class.items():
+            if run["status"] == status:
+                training_run.raise_for_status(status, run["message"], run["checkpoint"], f"of {name!r}")

@@ -25,10 +25,16 @@ from medbalance.errors import ClusterError, ConfigError
 SCALE_UP_TIMEOUT_S = 1800.0
 SCALE_UP_POLL_S = 2.0
 SCALE_UP_SAY_EVERY_S = 30.0
+DATA_FRACTION = 0.25   # of the cluster's CPUs kept for Ray Data (at least 1 CPU): see data_reserve
+
+
+def data_reserve(total_cpus: float, data_fraction: float = DATA_FRACTION) -> float:
+    """CPUs left to Ray Data's tasks (read, decode, augment): ``max(1, data_fraction * CPUs)``."""
+    return max(1.0, data_fraction * total_cpus)
 
 
 def plan_cpus(num_workers: int, use_gpu: bool, cpus_per_worker: float | None = None,
-              data_fraction: float = 0.25, total_cpus: float | None = None) -> float:
+              data_fraction: float = DATA_FRACTION, total_cpus: float | None = None) -> float:
     """CPUs per training worker, leaving about ``data_fraction`` of the cluster to Ray Data.
 
     Each of ``num_workers`` gets ``(cluster CPUs - reserve) / num_workers``, reserve =
@@ -46,7 +52,7 @@ def plan_cpus(num_workers: int, use_gpu: bool, cpus_per_worker: float | None = N
     if total_cpus is None:
         need = least_cluster(0.11 * num_workers, num_workers if use_gpu else 0, data_fraction)
         total_cpus = float(cluster_resources(need, worker_bundles(num_workers, use_gpu)).get("CPU", 0))
-    reserve = max(1.0, data_fraction * total_cpus)
+    reserve = data_reserve(total_cpus, data_fraction)
     per_worker = (total_cpus - reserve) / num_workers
     if per_worker < 0.1:
         raise ConfigError(
@@ -72,7 +78,7 @@ TRIAL_DRIVER_CPUS = 0.05
 
 
 def plan_trials(num_workers: int, use_gpu: bool, trials: int, max_concurrent: int = 0,
-                cpus_per_worker: float | None = None, data_fraction: float = 0.25,
+                cpus_per_worker: float | None = None, data_fraction: float = DATA_FRACTION,
                 total_cpus: float | None = None, total_gpus: float | None = None) -> tuple[int, float]:
     """Trials run at once and CPUs per training worker of each, so that Ray Data never starves.
 
@@ -97,7 +103,7 @@ def plan_trials(num_workers: int, use_gpu: bool, trials: int, max_concurrent: in
         resources = cluster_resources(need, trial * min(max_concurrent or trials, trials) + [{"CPU": 1.0}])
         total_cpus = float(resources.get("CPU", 0)) if total_cpus is None else total_cpus
         total_gpus = float(resources.get("GPU", 0)) if total_gpus is None else total_gpus
-    reserve = max(1.0, data_fraction * total_cpus)
+    reserve = data_reserve(total_cpus, data_fraction)
     budget = total_cpus - reserve
     if use_gpu and total_gpus < num_workers:
         raise ConfigError(f"a trial needs {num_workers} GPUs but the cluster has {total_gpus:g}; "
@@ -127,7 +133,7 @@ def worker_bundles(num_workers: int, use_gpu: bool, cpus: float = 1.0, data: boo
     return [dict(worker) for _ in range(num_workers)] + ([{"CPU": 1.0}] if data else [])
 
 
-def least_cluster(budget_cpus: float, gpus: float, data_fraction: float = 0.25) -> list[dict]:
+def least_cluster(budget_cpus: float, gpus: float, data_fraction: float = DATA_FRACTION) -> list[dict]:
     """The smallest cluster (as one bundle of totals) whose CPUs, less the data reserve
     ``max(1, data_fraction * CPUs)``, leave ``budget_cpus``, with ``gpus`` GPUs."""
     cpus = math.ceil((max(budget_cpus + 1.0, budget_cpus / (1.0 - data_fraction)) + 1e-6) * 100) / 100

@@ -78,15 +78,7 @@ class RunDir:
             mode: ``auto`` (resume if there are results), ``resume`` (there must be),
                 ``fresh`` (there must not be).
         """
-        if mode not in RESUME_MODES:
-            raise ConfigError(f"unknown resume mode {mode!r}; use one of {RESUME_MODES}")
-        existing = self.has_results()
-        if mode == "fresh" and existing:
-            raise ConfigError(f"{self.uri} already has results; choose another --name, or drop "
-                              "--fresh to resume it")
-        if mode == "resume" and not existing:
-            raise ConfigError(f"--resume: {self.uri} has no results to resume")
-        return existing
+        return apply_resume_mode(mode, self.uri, self.has_results())
 
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write a file of the run atomically; returns its URI."""
@@ -100,6 +92,25 @@ class RunDir:
     def read_json(self, name: str):
         fs, path = storage.resolve(self.uri)
         return json.loads(storage.read_bytes(fs, f"{path}/{name}", storage.join(self.uri, name)))
+
+
+def apply_resume_mode(mode: str, uri: str, existing: bool) -> bool:
+    """Check a resume mode against whether the run at ``uri`` has results; returns ``existing``.
+
+    Args:
+        mode: ``auto`` (resume if there are results), ``resume`` (there must be), ``fresh`` (there
+            must not be).
+
+    Raises:
+        ConfigError: the mode is unknown, or the run's state contradicts it.
+    """
+    if mode not in RESUME_MODES:
+        raise ConfigError(f"unknown resume mode {mode!r}; use one of {RESUME_MODES}")
+    if mode == "fresh" and existing:
+        raise ConfigError(f"{uri} already has results; choose another --name, or drop --fresh to resume it")
+    if mode == "resume" and not existing:
+        raise ConfigError(f"--resume: {uri} has no results to resume")
+    return existing
 
 
 def checkpoint_uri(storage_uri: str, checkpoint) -> str:
