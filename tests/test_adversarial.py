@@ -260,9 +260,12 @@ def test_gan_train_and_quality_refuse_a_file_as_folder(base, tmp_path):
                                         ("keep_checkpoints", 0), ("cpus_per_worker", 0.0), ("seed", -1)])
 def test_gan_config_ranges(key, value):
     from ray_jobs.gcgan.config import GanConfig
+    from ray_jobs.runtime.configs import load_config
 
-    with pytest.raises(ConfigError, match=f"{key} must be"):
+    with pytest.raises(ConfigError, match=rf"^{key} = {value!r}.*expected"):
         GanConfig(data="runs/data/x", **{key: value}).check()
+    with pytest.raises(ConfigError, match=rf"^{key} = {value!r} \(from --set {key}={value}\): expected"):
+        load_config(GanConfig, overrides=[f"{key}={value}"])
 
 
 # ----------------------------------------------------------------------------- compare

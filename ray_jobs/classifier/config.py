@@ -14,7 +14,7 @@ import dataclasses
 import re
 
 from medbalance.errors import ConfigError
-from ray_jobs.runtime.config_checks import check_options, rule
+from ray_jobs.runtime.config_checks import check_options, field
 
 AUGMENT_PRESETS = ("adsr", "adsr_paper", "lrf", "light", "none")
 SAMPLING = ("none", "class_balanced", "sqrt")
@@ -45,70 +45,63 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 PRETRAINED_REQUIRED, PRETRAINED_SCRATCH = "required", "scratch"
 
 
-def _field(default, **checks):
-    """A dataclass field with a default and a :class:`~ray_jobs.runtime.config_checks.Rule`."""
-    if callable(default) and not isinstance(default, type):
-        return dataclasses.field(default_factory=default, metadata=rule(**checks))
-    return dataclasses.field(default=default, metadata=rule(**checks))
-
-
 # ----------------------------------------------------------------------------- the classifier's config
 @dataclasses.dataclass
 class DataSection:
     uri: str = ""                    # dataset URI (ray_jobs.prepare output)
-    image_size: int = _field(224, ge=8)
-    augment: str = _field("adsr", choices=AUGMENT_PRESETS)      # adsr | adsr_paper | lrf | light | none
-    sampling: str = _field("none", choices=SAMPLING)    # none | class_balanced | sqrt
+    image_size: int = field(224, ge=8)
+    augment: str = field("adsr", choices=AUGMENT_PRESETS)      # adsr | adsr_paper | lrf | light | none
+    sampling: str = field("none", choices=SAMPLING)    # none | class_balanced | sqrt
     include_synthetic: bool = True   # rows written by the GAN job
-    batch_size: int = _field(32, ge=1)                    # per worker
-    total_batch_size: int | None = _field(None, ge=1)     # set: split over the workers (batch_size derived)
-    block_rows: int = _field(64, ge=0)   # rows per Ray Data block before decoding (0: one per shard)
+    batch_size: int = field(32, ge=1)                    # per worker
+    total_batch_size: int | None = field(None, ge=1)     # set: split over the workers (batch_size derived)
+    block_rows: int = field(64, ge=0)   # rows per Ray Data block before decoding (0: one per shard)
     cache_encoded: bool = True       # read each split's encoded rows once into the object store
-    shuffle_buffer: int = _field(0, ge=0)  # rows in each worker's extra local shuffle buffer (0: none)
-    eval_batch_size: int = _field(64, ge=1)
-    channels: int = _field(3, choices=(1, 3))             # 1: grey to the model (in_chans=1); 3: RGB
-    normalize: str = _field("imagenet", choices=("imagenet", "dataset"))  # mean/std: ImageNet's or the manifest's
+    shuffle_buffer: int = field(0, ge=0)  # rows in each worker's extra local shuffle buffer (0: none)
+    eval_batch_size: int = field(64, ge=1)
+    channels: int = field(3, choices=(1, 3))             # 1: grey to the model (in_chans=1); 3: RGB
+    normalize: str = field("imagenet", choices=("imagenet", "dataset"))  # mean/std: ImageNet's or the manifest's
 
 
 @dataclasses.dataclass
 class OptimSection:
-    name: str = _field("sgd", choices=OPTIMIZERS)        # sgd | adam | adamw
-    lr: float = _field(0.01, gt=0)
-    momentum: float = _field(0.9, ge=0, lt=1)
-    weight_decay: float = _field(1e-4, ge=0)
-    schedule: str = _field("cosine", choices=SCHEDULES)  # cosine | step | multistep | adsr_authors | none
-    warmup_epochs: float = _field(0.0, ge=0)
-    step_size: int = _field(20, ge=1)                     # step: epochs between decays
-    gamma: float = _field(0.5, gt=0)                      # step / multistep decay
-    milestones: list = _field(lambda: [30, 60], items=int)
-    clip_grad_norm: float | None = _field(None, gt=0)
+    name: str = field("sgd", choices=OPTIMIZERS)        # sgd | adam | adamw
+    lr: float = field(0.01, gt=0)
+    momentum: float = field(0.9, ge=0, lt=1)
+    weight_decay: float = field(1e-4, ge=0)
+    schedule: str = field("cosine", choices=SCHEDULES)  # cosine | step | multistep | adsr_authors | none
+    warmup_epochs: float = field(0.0, ge=0)
+    step_size: int = field(20, ge=1)                     # step: epochs between decays
+    gamma: float = field(0.5, gt=0)                      # step / multistep decay
+    milestones: list = field(lambda: [30, 60], items=int)
+    clip_grad_norm: float | None = field(None, gt=0)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    name: str = _field("run", nonempty=True)
-    storage: str = _field("runs", nonempty=True)          # local path or s3://bucket/prefix
-    model: str = _field("adsr_resnet18", choices=_models)
+    name: str = field("run", nonempty=True)
+    storage: str = field("runs", nonempty=True)          # local path or s3://bucket/prefix
+    model: str = field("adsr_resnet18", choices=_models)
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     pretrained: str | None = None    # local torchvision ResNet state dict; "required" / "scratch": see above
-    loss: str = _field("cws", choices=_losses)
+    loss: str = field("cws", choices=_losses)
     loss_params: dict = dataclasses.field(default_factory=dict)
-    epochs: int = _field(10, ge=1)
-    num_workers: int = _field(2, ge=1)
+    epochs: int = field(10, ge=1)
+    num_workers: int = field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float | None = _field(None, gt=0)   # None: derived from the cluster (resources.plan_cpus)
+    cpus_per_worker: float | None = field(None, gt=0)   # None: derived from the cluster (resources.plan_cpus)
     # Ray Train's placement of the workers; STRICT_SPREAD puts each on its own node.
-    placement_strategy: str = _field("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    amp: str = _field("auto", choices=_amp_modes)  # auto (GPU: bf16 if supported else fp16; CPU: off) | bf16 | fp16 | off
+    placement_strategy: str = field("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    amp: str = field("auto", choices=_amp_modes)  # auto (GPU: bf16 if supported else fp16; CPU: off) | bf16 | fp16 | off
     sync_batchnorm: bool = False
     channels_last: bool = False
-    seed: int = _field(0, ge=0, le=2**32 - 1)
+    seed: int = field(0, ge=0, le=2**32 - 1)
     reproducible: bool = False       # deterministic algorithms + seeded re-sampling
-    max_failures: int = _field(2, ge=-1)  # -1: retry forever (Ray's convention)
-    keep_checkpoints: int = _field(2, ge=1)
-    checkpoint_metric: str = _field("val_macro_f1", nonempty=True)
-    checkpoint_mode: str = _field("max", choices=("max", "min"))
-    log_level: str = _field("WARNING", choices=LOG_LEVELS)  # Ray Train's log level (INFO: every report and checkpoint)
+    max_failures: int = field(2, ge=-1)  # -1: retry forever (Ray's convention)
+    keep_checkpoints: int = field(2, ge=1)
+    checkpoint_metric: str = field("val_macro_f1", nonempty=True)
+    checkpoint_mode: str = field("max", choices=("max", "min"))
+    log_level: str = field("WARNING", choices=LOG_LEVELS)  # Ray Train's log level (INFO: every report and checkpoint)
     # Test hooks: {"kill_rank": 1, "kill_epoch": 1, "marker": PATH} kills that worker once;
     # {"nan_epoch": E} makes the loss NaN at epoch E, step 0; {"start_log": PATH} appends a line
     # per start of a worker's loop (to count attempts).

@@ -58,8 +58,8 @@ class Rule:
         allowed = self.allowed()
         if allowed is not None:
             return "one of " + ", ".join(str(a) for a in allowed)
-        bounds = [f"{op} {v:g}" for op, v in ((">", self.gt), (">=", self.ge), ("<", self.lt),
-                                               ("<=", self.le)) if v is not None]
+        bounds = [f"{op} {_number(v)}" for op, v in ((">", self.gt), (">=", self.ge), ("<", self.lt),
+                                                      ("<=", self.le)) if v is not None]
         if self.nonempty:
             bounds.append("not empty")
         return f"{noun} {' and '.join(bounds)}".strip()
@@ -75,6 +75,19 @@ class Rule:
         if self.nonempty and not value:
             return False
         return True
+
+
+def _number(value: float) -> str:
+    """A bound as written: ``8``, ``4294967295``, ``0.5``, ``1e-08``."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def field(default, **checks):
+    """A dataclass field with a default (a callable: a factory) and a :class:`Rule`:
+    ``epochs: int = field(10, ge=1)``."""
+    if callable(default) and not isinstance(default, type):
+        return dataclasses.field(default_factory=default, metadata=rule(**checks))
+    return dataclasses.field(default=default, metadata=rule(**checks))
 
 
 def rule(**kwargs) -> dict:

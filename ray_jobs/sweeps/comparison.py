@@ -66,14 +66,10 @@ def check_compare(cfg: CompareConfig) -> dict:
         raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {seeds!r}")
     for seed in seeds:
         check_seed(seed, "seeds")
-    if not cfg.status_interval > 0:
-        raise ConfigError(f"status_interval must be above 0 seconds, got {cfg.status_interval}")
     check_folder_names(list(cfg.methods))
     cfg.baseline = cfg.baseline or next(iter(cfg.methods))
     if cfg.baseline not in cfg.methods:
         raise ConfigError(f"baseline {cfg.baseline!r} is not one of the methods {list(cfg.methods)}")
-    if cfg.split not in ("val", "test"):
-        raise ConfigError(f"split must be val or test, got {cfg.split!r}")
     absolute_paths(cfg.base)
     cfg.eval_data = tuning.absolute(cfg.eval_data)
     base = config_lib.to_dict(cfg.base)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import dataclasses
 
 from ray_jobs.classifier.config import TrainConfig
+from ray_jobs.runtime.config_checks import field
+
+MAX_SEED = 2**32 - 1   # what Optuna, NumPy and torch all accept
 
 
 @dataclasses.dataclass
 class SchedulerSection:
-    name: str = "asha"               # asha (early stopping) | none (every trial runs all epochs)
-    grace_period: int = 1            # epochs every trial runs before ASHA may stop it
-    reduction_factor: float = 3.0    # ASHA keeps the best 1/reduction_factor at each rung
+    name: str = field("asha", choices=("asha", "none"))  # asha (early stopping) | none (every trial runs all epochs)
+    grace_period: int = field(1, ge=1)  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = field(3.0, gt=1)  # ASHA keeps the best 1/reduction_factor at each rung
 
 
 @dataclasses.dataclass
@@ -22,17 +25,17 @@ class SweepConfig:
     """``python -m ray_jobs.sweep``: a search over ``TrainConfig`` keys (see ray_jobs.sweeps.search_space)."""
     name: str = "sweep"
     storage: str = "runs"            # results go to <storage>/<name>/ (local path or s3://bucket/prefix)
-    trials: int = 16
+    trials: int = field(16, ge=1)
     metric: str = "val_macro_f1"     # a validation metric the training loop reports each epoch
-    mode: str = "max"                # max | min
-    search: str = "tpe"              # tpe | random (Optuna samplers, seeded with `seed`)
-    seed: int = 0
+    mode: str = field("max", choices=("max", "min"))
+    search: str = field("tpe", choices=("tpe", "random"))  # Optuna samplers, seeded with `seed`
+    seed: int = field(0, ge=0, le=MAX_SEED)
     # dotted TrainConfig key -> {type: uniform|loguniform|int|choice, low, high | values}
     space: dict = dataclasses.field(default_factory=dict)
     points_to_evaluate: list = dataclasses.field(default_factory=list)   # [{key: value}] tried first
     scheduler: SchedulerSection = dataclasses.field(default_factory=SchedulerSection)
-    max_concurrent_trials: int = 0   # 0: as many as the cluster fits (ray_jobs.runtime.resources.plan_trials)
-    status_interval: float = 60.0    # seconds between Tune's status tables
+    max_concurrent_trials: int = field(0, ge=0)  # 0: as many as the cluster fits (ray_jobs.runtime.resources.plan_trials)
+    status_interval: float = field(60.0, gt=0)  # seconds between Tune's status tables
     base: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
@@ -46,9 +49,9 @@ class CompareConfig:
     methods: dict = dataclasses.field(default_factory=dict)
     seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
     baseline: str = ""               # the method the others are compared with (default: the first)
-    split: str = "test"              # where each best checkpoint is evaluated
+    split: str = field("test", choices=("val", "test"))  # where each best checkpoint is evaluated
     eval_data: str = ""              # dataset to evaluate on ("": each method's own)
     calibrate: bool = False          # temperature scaling fitted on val before the test metrics
-    max_concurrent_trials: int = 0
-    status_interval: float = 60.0
+    max_concurrent_trials: int = field(0, ge=0)
+    status_interval: float = field(60.0, gt=0)
     base: TrainConfig = dataclasses.field(default_factory=TrainConfig)
