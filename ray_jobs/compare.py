@@ -11,6 +11,7 @@ The command line only: the work is done by ``ray_jobs.sweeps.comparison``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ray_jobs.runtime import configs as config_lib
@@ -49,6 +50,9 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.print_schema:
+        print(json.dumps(config_lib.json_schema(CompareConfig), indent=2))
+        return 0
     cfg = config_from_args(args)
     if args.print_config:
         print(config_lib.dump_yaml(cfg), end="")

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from ray_jobs.gcgan.driver import fit_classes
 
+        if args.print_schema:
+            print(json.dumps(config_lib.json_schema(GanConfig), indent=2))
+            return 0
         cfg = config_from_args(args)
         if args.print_config:
             print(config_lib.dump_yaml(cfg), end="")

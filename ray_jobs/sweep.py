@@ -10,6 +10,7 @@ The command line only: the work is done by ``ray_jobs.sweeps.search``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ray_jobs.runtime import configs as config_lib
@@ -47,6 +48,9 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.print_schema:
+        print(json.dumps(config_lib.json_schema(SweepConfig), indent=2))
+        return 0
     cfg = config_from_args(args)
     if args.print_config:
         print(config_lib.dump_yaml(cfg), end="")

@@ -58,6 +58,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.print_schema:
+        print(json.dumps(config_lib.json_schema(TrainConfig), indent=2))
+        return 0
     cfg = config_from_args(args)
     if args.print_config:
         print(config_lib.dump_yaml(cfg), end="")

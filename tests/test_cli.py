@@ -74,3 +74,23 @@ def test_output_to_a_pipe_gets_no_colour_codes():
     env = {k: v for k, v in os.environ.items() if k != "RAY_COLOR_PREFIX"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("job, presets", [("train", ["demo", "adsr_paper", "lrf_paper"]),
+                                          ("sweep", ["sweep-cws", "sweep-fafl"]), ("compare", ["compare-retina"]),
+                                          ("gan", ["gcgan_paper"])])
+def test_print_schema_describes_the_presets_and_refuses_a_typo(job, presets, capsys):
+    import importlib
+    import json
+
+    import jsonschema
+
+    module = importlib.import_module(f"ray_jobs.{job}")
+    assert module.main((["train"] if job == "gan" else []) + ["--print-schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for preset in presets:
+        doc = yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())
+        assert not list(validator.iter_errors(doc)), (preset, [e.message for e in validator.iter_errors(doc)])
+    assert list(validator.iter_errors({"epochz" if job != "gan" else "iteratons": 3}))   # unknown keys

@@ -58,6 +58,8 @@ def add_config_flags(p: argparse.ArgumentParser, presets: str, example: str) -> 
                    help=f"override any config key, e.g. {example} (repeatable)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML) and exit without starting Ray")
+    p.add_argument("--print-schema", action="store_true",
+                   help="print the config's JSON Schema (for editors completing YAML presets) and exit")
 
 
 # After the job's main returns, Ray's own shutdown (atexit) and Tune's threads must end the process;

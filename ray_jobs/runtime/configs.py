@@ -144,3 +144,45 @@ def merge(tree: dict, layer: dict) -> None:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def json_schema(cls: type, title: str | None = None) -> dict:
+    """The JSON Schema (draft 2020-12) of a config dataclass, for editors that complete YAML presets
+    (``--print-schema``): each field's type, default, range and names (its rule), nested sections,
+    ``additionalProperties: false`` (unknown keys are errors here too)."""
+    schema = _object_schema(cls)
+    schema.update({"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title or cls.__name__})
+    return schema
+
+
+def _object_schema(cls: type) -> dict:
+    hints = typing.get_type_hints(cls)
+    defaults = to_dict(cls())
+    properties = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            properties[f.name] = _object_schema(hint)
+            continue
+        prop = _type_schema(hint)
+        prop["default"] = defaults[f.name]
+        rule = f.metadata.get("rule")
+        if rule is not None:
+            allowed = rule.allowed()
+            if allowed is not None:
+                prop["enum"] = allowed + ([None] if None in (defaults[f.name],) else [])
+            for key, bound in (("exclusiveMinimum", rule.gt), ("minimum", rule.ge), ("exclusiveMaximum", rule.lt),
+                               ("maximum", rule.le)):
+                if bound is not None:
+                    prop[key] = bound
+        properties[f.name] = prop
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+def _type_schema(hint: Any) -> dict:
+    """``int`` -> integer, ``float`` -> number, ``X | None`` -> either, ..."""
+    names = {int: "integer", float: "number", bool: "boolean", str: "string", list: "array", dict: "object"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and len(args) < len(typing.get_args(hint)):   # Optional[X]
+        return {"type": [names.get(args[0], "string"), "null"]}
+    return {"type": names.get(typing.get_origin(hint) or hint, "string")}
