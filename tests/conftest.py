@@ -16,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,3 +289,48 @@ def retina_npz() -> Path:
     if not RETINA.is_file():
         pytest.fail(f"{RETINA} is missing: the bundled data folder data/ is incomplete")
     return RETINA
+
+
+# ----------------------------------------------------------------------------- small faulty-data fixtures
+# Small real data for the tests that plant faults (test_overwrite_keeps_data, test_damaged_shards, ...).
+FAULT_CLASSES = ["0", "1", "2", "3", "4"]
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory, retina_npz) -> Path:
+    """RetinaMNIST, a few images of every class in every split."""
+    npz = np.load(retina_npz)
+    arrays = {}
+    for split, per_class in (("train", 12), ("val", 4), ("test", 4)):
+        labels = npz[f"{split}_labels"][:, 0]
+        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(5)])
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = npz[f"{split}_images"][keep], npz[f"{split}_labels"][keep]
+    path = tmp_path_factory.mktemp("safety") / "small.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def dataset(small_npz, tmp_path) -> str:
+    from shards import ingest
+
+    uri = str(tmp_path / "data")
+    ingest(str(small_npz), uri, workers=1)
+    return uri
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> str:
+    """A real (untrained) resnet18 checkpoint, made without Ray."""
+    from models import create_model
+    from ray_jobs.classifier.config import DataSection, TrainConfig
+    from ray_jobs.runtime.checkpoint import save_checkpoint
+    from ray_jobs.runtime.configs import to_dict
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    cfg = TrainConfig(model="resnet18", data=DataSection(image_size=28))
+    save_checkpoint({"model": create_model("resnet18", num_classes=5).state_dict(), "config": to_dict(cfg),
+                     "class_names": FAULT_CLASSES, "epoch": 0}, str(folder))
+    return str(folder)
+
