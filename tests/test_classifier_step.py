@@ -19,10 +19,10 @@ import torch
 
 from medbalance.errors import TrainingError
 from ray_jobs.classifier.config import DataSection, OptimSection, TrainConfig
-from ray_jobs.classifier.driver import raise_for_status
 from ray_jobs.classifier.pipeline import InputSpec
 from ray_jobs.classifier.step import build_step
 from ray_jobs.runtime import collectives
+from ray_jobs.runtime.training_run import raise_for_status
 
 CLASS_COUNTS = [6, 5, 5]          # 16 rows: 2 steps per epoch of 8 (one process) or 4 (per rank)
 BATCH, SIZE = 8, 32
@@ -103,7 +103,7 @@ def test_nan_loss_stops_before_any_update_naming_epoch_and_step():
     assert "non-finite loss (nan) at epoch 2 step 5 on rank 0" in stopped.value.message
     assert all(torch.equal(a, b) for a, b in zip(before, params(step.model)))  # nothing was updated
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2 step 5 .* Last good checkpoint: ck"):
-        raise_for_status({"status": stopped.value.status, "message": stopped.value.message, "last_checkpoint": "ck"})
+        raise_for_status(stopped.value.status, stopped.value.message, "ck")
 
     # A NaN reaching the model (float rows, as no pipeline gives them): the same stop, no hook.
     nan_images = images[:4].float().index_fill_(0, torch.tensor([1]), float("nan"))

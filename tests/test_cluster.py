@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
+from ray_jobs.runtime.faults import ENV as FAULTS_ENV
+
 from conftest import PLANTED_KEY, PLANTED_SECRET, RAY_NODE_STOP_S, REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_groups
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
@@ -115,11 +117,14 @@ def _wait_for(check, proc, what: str, timeout: float = 180) -> None:
         time.sleep(2)
 
 
-def submit(cluster: dict, *job: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`ray job submit` of a medbalance job, as cluster/README.md shows (token from the environment).
-    Its output is kept in the cluster's log folder for the final secret grep."""
+def submit(cluster: dict, *job: str, env: dict | None = None, timeout: float = 900,
+           job_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`ray job submit` of a medbalance job, as cluster/README.md shows (token from the environment;
+    ``job_env``: variables for the job, e.g. a test's MEDBALANCE_TEST_FAULTS). Its output is kept in
+    the cluster's log folder for the final secret grep."""
+    runtime_env = {**RUNTIME_ENV, **({"env_vars": job_env} if job_env else {})}
     cmd = [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(RUNTIME_ENV), "--", sys.executable, "-m", *job]
+           "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "-m", *job]
     out = run_ray_job_submit(cmd, env=env or cluster["env"], timeout=timeout)
     with open(cluster["logs"] / "submit-outputs.log", "a") as f:
         f.write(out.stdout + out.stderr)
@@ -267,7 +272,8 @@ def test_s3_server_restarted_mid_training(cluster, data):
 
     thread = threading.Thread(target=restart_after_first_checkpoint, daemon=True)
     thread.start()
-    out = submit(cluster, *train_args(data, runs, "restart", 4, "--set", f"fault_injection={{start_log: {starts}}}"))
+    out = submit(cluster, *train_args(data, runs, "restart", 4),
+                 job_env={FAULTS_ENV: json.dumps({"start_log": str(starts)})})
     thread.join(timeout=60)
     assert restarted, "the S3 server was never restarted (no checkpoint seen)"
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

@@ -56,10 +56,10 @@ def test_flipped_byte_stops_training_once_naming_the_shard(ray_cluster, dataset,
     shard = _damage(dataset, "flipped")
     starts = tmp_path / "starts"
     cfg = TrainConfig(name="flipped", storage=str(tmp_path / "runs"), model="resnet18", loss="ce", epochs=2,
-                      num_workers=2, fault_injection={"start_log": str(starts)}, max_failures=2,
+                      num_workers=2, max_failures=2,
                       data=DataSection(uri=dataset, image_size=28, augment="none", batch_size=16))
     with pytest.raises(DataError) as info:
-        fit(cfg)
+        fit(cfg, faults={"start_log": str(starts)})
     message = str(info.value)
     assert shard in message and "--verify" in message and "cannot decode image" in message
     assert "epoch 0" in message

@@ -61,8 +61,8 @@ def gan_run(ray_cluster, bccd, tmp_path_factory):
     runs = tmp_path_factory.mktemp("gan-runs")
     marker = runs / "killed"
     cfg = gan_cfg(bccd, str(runs), "two", classes="Monocyte,Basophil", iterations=4, num_workers=2, concurrent=2,
-                  max_failures=2, fault_injection={"kill_rank": 1, "kill_iteration": 3, "marker": str(marker)})
-    summary = fit_classes(cfg, resume="fresh")
+                  max_failures=2)
+    summary = fit_classes(cfg, resume="fresh", faults={"kill_rank": 1, "kill_iteration": 3, "marker": str(marker)})
     return {"summary": summary, "runs": runs, "marker": marker, "cfg": cfg}
 
 
@@ -115,10 +115,9 @@ def test_killed_driver_resumes_and_a_nan_stops_naming_the_iteration(ray_cluster,
     newest = load_checkpoint(RunDir(str(runs / "killed"), "Monocyte").latest_checkpoint(), required=("g_ema",))
     resumed_at, nan_at = newest["iteration"], newest["iteration"] + 2
     # The rerun resumes from the newest checkpoint; a NaN two iterations later stops it.
-    cfg = gan_cfg(bccd, str(runs), "killed", classes="Monocyte", iterations=40, num_workers=1,
-                  fault_injection={"nan_iteration": nan_at})
+    cfg = gan_cfg(bccd, str(runs), "killed", classes="Monocyte", iterations=40, num_workers=1)
     with pytest.raises(TrainingError, match=rf"non-finite discriminator loss .* at iteration {nan_at} .*Monocyte"):
-        fit_classes(cfg, resume="resume")
+        fit_classes(cfg, resume="resume", faults={"nan_iteration": nan_at})
     result = json.loads((runs / "killed" / "result.json").read_text())
     run = result["runs"]["Monocyte"]
     assert run["status"] == "non_finite" and run["started_at_iteration"] == resumed_at >= 2

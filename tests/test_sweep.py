@@ -26,6 +26,7 @@ from metrics.comparison import paired_difference, summarize, to_markdown
 from ray_jobs.classifier.config import TrainConfig
 from ray_jobs.runtime.resources import TRIAL_DRIVER_CPUS, plan_cpus, plan_trials
 from ray_jobs.runtime import configs as config_lib
+from ray_jobs.runtime.faults import ENV as FAULTS_ENV
 from ray_jobs.sweeps.config import SweepConfig
 from ray_jobs.sweeps.search_space import parse_space
 from shards import ingest
@@ -56,6 +57,12 @@ BASE = {"model": "resnet18", "loss": "cws", "epochs": 2, "num_workers": 1,
         "optim": {"lr": 0.05, "warmup_epochs": 0.0}}
 
 
+# The trial at this learning rate hits a NaN loss at epoch 1 (a test hook the sweep's driver reads
+# from its environment and applies to the trials whose config matches: ray_jobs.runtime.faults).
+NAN_LR = 0.0031
+NAN_TRIAL = {FAULTS_ENV: json.dumps({"when": {"optim.lr": NAN_LR}, "nan_epoch": 1})}
+
+
 def write_sweep(path: Path, data: str, **over) -> str:
     """A sweep preset: 4 trials tried in a fixed order (points_to_evaluate): a learning rate that
     learns, one that cannot (1e-6), one that learns and then hits a NaN loss, and one that cannot.
@@ -64,12 +71,8 @@ def write_sweep(path: Path, data: str, **over) -> str:
     good, bad = 0.003, 1e-6
     doc = {"name": "s", "trials": 4, "seed": 0, "max_concurrent_trials": 2, "status_interval": 30,
            "metric": "train_loss", "mode": "min",
-           "space": {"optim.lr": {"type": "loguniform", "low": 1e-6, "high": 0.5},
-                     "fault_injection.nan_epoch": {"type": "choice", "values": [-1, 1]}},
-           "points_to_evaluate": [{"optim.lr": good, "fault_injection.nan_epoch": -1},
-                                  {"optim.lr": bad, "fault_injection.nan_epoch": -1},
-                                  {"optim.lr": good, "fault_injection.nan_epoch": 1},
-                                  {"optim.lr": bad, "fault_injection.nan_epoch": -1}],
+           "space": {"optim.lr": {"type": "loguniform", "low": 1e-6, "high": 0.5}},
+           "points_to_evaluate": [{"optim.lr": good}, {"optim.lr": bad}, {"optim.lr": NAN_LR}, {"optim.lr": bad}],
            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
            "base": {**BASE, "data": {**BASE["data"], "uri": data}}}
     config_lib.merge(doc, over)
@@ -170,8 +173,9 @@ def _newest_experiment_state(tune_dir: Path) -> list[dict]:
     return [json.loads(t[0]) for t in data["trial_data"]]
 
 
-def _submit(ray_cluster, args: list[str], timeout: int = 900) -> str:
-    runtime_env = {"excludes": [".git", ".venv", "runs", "*.parquet", "*.npz", ".pytest_cache"]}
+def _submit(ray_cluster, args: list[str], timeout: int = 900, job_env: dict | None = None) -> str:
+    runtime_env = {"excludes": [".git", ".venv", "runs", "*.parquet", "*.npz", ".pytest_cache"],
+                   **({"env_vars": job_env} if job_env else {})}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "-m", *args]
@@ -189,7 +193,7 @@ def test_sweep_killed_resumed_through_job_submit(ray_cluster, colour_data, tmp_p
     preset = write_sweep(tmp_path / "sweep.yaml", colour_data)
     runs = tmp_path / "runs"
     args = ["ray_jobs.sweep", "--config", preset, "--storage", str(runs), "--name", "s"]
-    kill_driver_when([sys.executable, "-m", *args], ray_cluster["env"], tmp_path / "driver.log",
+    kill_driver_when([sys.executable, "-m", *args], {**ray_cluster["env"], **NAN_TRIAL}, tmp_path / "driver.log",
                      lambda: any(t["status"] in ("TERMINATED", "ERROR")
                                  for t in _newest_experiment_state(runs / "s" / "tune")),
                      "finished trial", timeout=600)
@@ -203,7 +207,7 @@ def test_sweep_killed_resumed_through_job_submit(ray_cluster, colour_data, tmp_p
     refused = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=ray_cluster["env"],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "already has results; add --resume" in refused.stderr
-    out = _submit(ray_cluster, args + ["--resume"])
+    out = _submit(ray_cluster, args + ["--resume"], job_env=NAN_TRIAL)
 
     restored = re.search(r"restored the Optuna searcher: its study holds (\d+) finished trial", out)
     assert restored, out[-4000:]

@@ -113,17 +113,16 @@ def test_two_worker_run_end_to_end(ray_cluster, tiny_data, tmp_path):
 
 def test_worker_killed_mid_run_is_replaced(ray_cluster, tiny_data, tmp_path):
     marker = tmp_path / "killed"
-    cfg = make_cfg(tiny_data, str(tmp_path / "runs"), "kill", epochs=2, max_failures=2,
-                   fault_injection={"kill_rank": 1, "kill_epoch": 1, "marker": str(marker)})
-    summary = fit(cfg)
+    cfg = make_cfg(tiny_data, str(tmp_path / "runs"), "kill", epochs=2, max_failures=2)
+    summary = fit(cfg, faults={"kill_rank": 1, "kill_epoch": 1, "marker": str(marker)})
     assert marker.exists(), "the test hook did not kill the worker"
     assert summary["status"] == "ok" and summary["epochs"] == 2
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(ray_cluster, tiny_data, tmp_path):
-    cfg = make_cfg(tiny_data, str(tmp_path / "runs"), "nan", epochs=3, fault_injection={"nan_epoch": 1})
+    cfg = make_cfg(tiny_data, str(tmp_path / "runs"), "nan", epochs=3)
     with pytest.raises(TrainingError, match=r"non-finite loss .* at epoch 1 step 0"):
-        fit(cfg)
+        fit(cfg, faults={"nan_epoch": 1})
     result = json.loads((tmp_path / "runs" / "nan" / "result.json").read_text())
     assert result["status"] == "non_finite" and result["epochs"] == 1
     state = load_checkpoint(result["last_checkpoint"])

@@ -102,10 +102,6 @@ class TrainConfig:
     checkpoint_metric: str = field("val_macro_f1", nonempty=True)
     checkpoint_mode: str = field("max", choices=("max", "min"))
     log_level: str = field("WARNING", choices=LOG_LEVELS)  # Ray Train's log level (INFO: every report and checkpoint)
-    # Test hooks: {"kill_rank": 1, "kill_epoch": 1, "marker": PATH} kills that worker once;
-    # {"nan_epoch": E} makes the loss NaN at epoch E, step 0; {"start_log": PATH} appends a line
-    # per start of a worker's loop (to count attempts).
-    fault_injection: dict = dataclasses.field(default_factory=dict)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
 

@@ -21,6 +21,7 @@ from ray_jobs.classifier.pipeline import build_datasets, input_spec
 from ray_jobs.classifier.worker import train_loop_per_worker
 from ray_jobs.runtime import configs as config_lib
 from ray_jobs.runtime.data_errors import data_error_message
+from ray_jobs.runtime.faults import for_run
 from ray_jobs.runtime.progress import say
 from ray_jobs.runtime.ray_setup import init_ray
 from ray_jobs.runtime.run_dir import RESULT_FILE, RunDir, checkpoint_uri
@@ -116,7 +117,7 @@ def summarize(cfg: TrainConfig, result, manifest, seconds: float) -> dict:
     }
 
 
-def fit(cfg: TrainConfig, resume: str = "auto", callbacks: list | None = None) -> dict:
+def fit(cfg: TrainConfig, resume: str = "auto", callbacks: list | None = None, faults: dict | None = None) -> dict:
     """Train ``cfg`` on the connected Ray cluster; write and return ``result.json``'s content.
 
     Args:
@@ -124,8 +125,10 @@ def fit(cfg: TrainConfig, resume: str = "auto", callbacks: list | None = None) -
             (must not have).
         callbacks: Ray Train ``UserCallback``s for the run's ``RunConfig`` (a sweep's trials pass
             Tune's ``TuneReportCallback``).
+        faults: test-only hooks for the workers (``runtime.faults``; None: ``MEDBALANCE_TEST_FAULTS``).
     """
     manifest, loop_config, datasets = prepare_run(cfg, resume)
+    loop_config["faults"] = for_run(faults, config_lib.to_dict(cfg))
     started = time.perf_counter()
     result = make_trainer(cfg, loop_config, datasets, callbacks=callbacks).fit()
     summary = summarize(cfg, result, manifest, time.perf_counter() - started)

@@ -86,7 +86,7 @@ class ClassifierStep:
             images: B x C x H x W on ``device``: uint8 or int16 as the pipeline delivers them.
             target: B class indices.
             epoch, step_index: named in the message when the loss is not finite.
-            inject_nan: the fault-injection test hook (``fault_injection.nan_epoch``): multiply the
+            inject_nan: the test hook ``nan_epoch`` (``runtime.faults``): multiply the
                 loss by NaN before the check.
 
         Raises:
@@ -152,12 +152,13 @@ def build_step(cfg: "TrainConfig", num_classes: int, class_counts: list[int], sp
                           channels_last=cfg.channels_last, spec=spec, rank=rank)
 
 
-def train_one_epoch(step: ClassifierStep, shard, cfg: "TrainConfig", epoch: int) -> dict:
+def train_one_epoch(step: ClassifierStep, shard, cfg: "TrainConfig", epoch: int, nan_epoch: int | None = None) -> dict:
     """:meth:`ClassifierStep.step` over this worker's part of the train split, once.
 
     Args:
         shard: Ray Train's dataset shard (``ray.train.get_dataset_shard("train")``): batches of
             ``image`` (B x C x H x W) and ``label`` (B).
+        nan_epoch: test hook (``runtime.faults``): the loss is NaN at this epoch's first step.
 
     Returns:
         This worker's ``{"samples", "loss_sum" (loss x samples, summed), "seconds"}``.
@@ -173,7 +174,6 @@ def train_one_epoch(step: ClassifierStep, shard, cfg: "TrainConfig", epoch: int)
         batch_size=cfg.data.batch_size, device=step.device, drop_last=False,
         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
         local_shuffle_seed=(cfg.seed + 1000 * epoch + step.rank) if cfg.reproducible else None))
-    nan_epoch = cfg.fault_injection.get("nan_epoch")
     while True:
         try:
             batch = next(batches)

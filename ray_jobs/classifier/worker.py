@@ -102,6 +102,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     class_names, class_counts = config.pop("class_names"), config.pop("class_counts")
     resume_from = config.pop("resume_from", None)
+    hooks = config.pop("faults", {})   # test-only (runtime.faults); never part of the config
     spec = InputSpec.from_dict(config.pop("input_spec", None))
     cfg = config_lib.from_dict(TrainConfig, config)
     quiet_ray_train(cfg.log_level)
@@ -114,7 +115,7 @@ def train_loop_per_worker(config: dict) -> dict:
     start_epoch = _resume(step, resume_from, rank)
     history = RunHistory(storage.join(cfg.storage, cfg.name), "epoch") if rank == 0 else None
 
-    _maybe_inject_fault(cfg.fault_injection, rank, -1)
+    _maybe_inject_fault(hooks, rank, -1)
     # Where each rank runs (node id, host), for the run's result: a cluster run can show its spread.
     worker_nodes = collectives.gather_objects({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                                                "host": platform.node()})
@@ -123,8 +124,8 @@ def train_loop_per_worker(config: dict) -> dict:
     extra = {"class_names": list(class_names), "class_counts": list(class_counts), "input": spec.to_dict()}
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            _maybe_inject_fault(cfg.fault_injection, rank, epoch)
-            train = train_one_epoch(step, train_shard, cfg, epoch)
+            _maybe_inject_fault(hooks, rank, epoch)
+            train = train_one_epoch(step, train_shard, cfg, epoch, hooks.get("nan_epoch"))
             val = validate(step, val_shard, cfg, epoch, class_names)
             metrics = epoch_metrics(epoch, train, val, step.optimizer.param_groups[0]["lr"])
             _report_epoch(step, cfg, metrics, train["seconds"], extra, history)

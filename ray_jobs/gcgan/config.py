@@ -61,9 +61,6 @@ class GanConfig:
     keep_checkpoints: int = field(2, ge=1)
     max_class_mb: float = field(4096.0, gt=0)     # decoded images of one class a worker may hold in memory
     log_level: str = field("WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))  # Ray Train's
-    # Test hooks: {"kill_rank": 1, "kill_iteration": 3, "marker": PATH} kills that worker once;
-    # {"nan_iteration": N} makes the real batch NaN at iteration N (every rank).
-    fault_injection: dict = dataclasses.field(default_factory=dict)
 
     def validate(self, sources: dict[str, str] | None = None) -> None:
         """The image size: a power of two from 32 to 1024 (``from_dict`` runs this after the fields')."""

@@ -26,6 +26,7 @@ from ray_jobs.gcgan.config import GanConfig
 from ray_jobs.runtime import configs as config_lib
 from ray_jobs.runtime.progress import say
 from ray_jobs.runtime import training_run
+from ray_jobs.runtime.faults import for_run
 from ray_jobs.runtime.run_dir import RESULT_FILE, RunDir, apply_resume_mode, checkpoint_uri
 from ray_jobs.runtime.training_run import RunSpec, torch_trainer
 from shards import storage
@@ -94,8 +95,9 @@ def class_dataset(cfg: GanConfig, class_index: int):
                           fn_kwargs=dict(image_size=cfg.image_size, augment="none", train=False))
 
 
-def fit_class(cfg_dict: dict, class_index: int, class_name: str, run_name: str) -> dict:
-    """Train one class's GAN with a ``TorchTrainer`` (runs inside a Ray task); its summary."""
+def fit_class(cfg_dict: dict, class_index: int, class_name: str, run_name: str, faults: dict | None = None) -> dict:
+    """Train one class's GAN with a ``TorchTrainer`` (runs inside a Ray task); its summary.
+    ``faults``: the driver's test hooks (``runtime.faults``), handed to the workers."""
     from ray_jobs.gcgan.worker import SAMPLES_DIR, train_loop_per_worker
 
     cfg = config_lib.from_dict(GanConfig, cfg_dict)
@@ -106,7 +108,7 @@ def fit_class(cfg_dict: dict, class_index: int, class_name: str, run_name: str) 
                    cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures,
                    keep_checkpoints=cfg.keep_checkpoints, log_level=cfg.log_level)
     loop_config = {"cfg": cfg_dict, "class_name": class_name, "class_index": class_index, "run_uri": run.uri,
-                   "resume_from": resume_from}
+                   "resume_from": resume_from, "faults": faults or {}}
     # Not split: every worker holds the (small) class and samples its own slice of it.
     trainer = torch_trainer(train_loop_per_worker, loop_config, spec,
                             datasets={"train": class_dataset(cfg, class_index)}, split=[])
@@ -134,11 +136,12 @@ def _list(run_uri: str, folder: str) -> list[str]:
             if i.base_name.endswith(".png")]
 
 
-def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
+def fit_classes(cfg: GanConfig, resume: str = "auto", faults: dict | None = None) -> dict:
     """Train a GAN per class on the connected Ray cluster; write and return ``result.json``.
 
     Args:
         resume: ``auto`` (resume what has results), ``resume`` (must have), ``fresh`` (must not).
+        faults: test-only hooks for the workers (``runtime.faults``; None: ``MEDBALANCE_TEST_FAULTS``).
     """
     from gan.losses import ReconstructionLoss
     from ray_jobs.runtime.ray_setup import init_ray, run_as_tasks
@@ -163,7 +166,8 @@ def fit_classes(cfg: GanConfig, resume: str = "auto") -> dict:
         f"{cfg.cpus_per_worker:g} CPU(s) per worker" + (" + 1 GPU" if cfg.use_gpu else ""))
     started = time.perf_counter()
     cfg_dict = config_lib.to_dict(cfg)
-    runs = run_as_tasks(fit_class, [(cfg_dict, i, n, names[n]) for i, n in classes], concurrent)
+    hooks = for_run(faults, cfg_dict)
+    runs = run_as_tasks(fit_class, [(cfg_dict, i, n, names[n], hooks) for i, n in classes], concurrent)
     per_class = {name: run for (_, name), run in zip(classes, runs)}
     summary = {
         "name": cfg.name, "classes": [n for _, n in classes],

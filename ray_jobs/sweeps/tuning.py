@@ -70,11 +70,12 @@ def _finished_summary(cfg) -> dict | None:
     return summary if done else None
 
 
-def run_trial(config: dict, *, base: dict, methods: dict | None, trials_uri: str) -> None:
+def run_trial(config: dict, *, base: dict, methods: dict | None, trials_uri: str, faults: dict | None = None) -> None:
     """Tune function trainable: train one trial's config with ``ray_jobs.classifier.driver.fit``.
 
     A non-finite loss, damaged data or a worker that keeps failing raises, and Tune records the trial
     as failed with that message. A run that already finished is reported again, not retrained.
+    ``faults``: the sweep driver's test hooks (``runtime.faults``), applied where their ``when`` fits.
     """
     from ray import tune
 
@@ -86,7 +87,7 @@ def run_trial(config: dict, *, base: dict, methods: dict | None, trials_uri: str
     if done:
         tune.report({**done["best_metrics"], CLOCK: done["epochs"]})
         return
-    driver.fit(cfg, resume="auto", callbacks=[_epoch_report_callback()])
+    driver.fit(cfg, resume="auto", callbacks=[_epoch_report_callback()], faults=faults or {})
 
 
 def _epoch_report_callback():
@@ -314,6 +315,7 @@ def run_tuner(*, sweep_uri: str, base: dict, methods: dict | None, param_space: 
     from ray import tune
     from ray.tune import CLIReporter
 
+    from ray_jobs.runtime.faults import from_environment
     from ray_jobs.runtime.resources import TRIAL_DRIVER_CPUS
 
     # Tune's classic reporter: one status table at most every `status_interval` seconds, no
@@ -322,7 +324,7 @@ def run_tuner(*, sweep_uri: str, base: dict, methods: dict | None, param_space: 
     keep_credentials_out_of_trial_envs()
     trainable = tune.with_resources(
         functools.partial(run_trial, base=base, methods=methods,
-                          trials_uri=storage.join(sweep_uri, TRIALS_DIR)),
+                          trials_uri=storage.join(sweep_uri, TRIALS_DIR), faults=from_environment()),
         {"CPU": TRIAL_DRIVER_CPUS})
     fs, path = storage.resolve(sweep_uri)
     storage.ensure_dir(fs, path, sweep_uri)
