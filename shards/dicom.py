@@ -97,6 +97,27 @@ def _meta(ds, frame: int, frames: int) -> dict:
             "frames": frames, "frame": frame}
 
 
+def _own_window(ds, stored, scale: float, offset: float, apply_voi_lut):
+    """The file's own VOI: a linear window (DICOM PS3.3 C.11.2.1.2: LINEAR or LINEAR_EXACT) as
+    ``(low, high)`` in modality units, or a VOI LUT / sigmoid applied to the values here.
+
+    Returns:
+        ``(stored, scale, offset, window_low, window_high)``: unchanged with no window in the file.
+    """
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if "WindowCenter" in ds and "WindowWidth" in ds and function in ("LINEAR", "LINEAR_EXACT"):
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if function == "LINEAR":
+            return stored, scale, offset, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        return stored, scale, offset, center - width / 2, center + width / 2
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and function == "SIGMOID"):
+        values = stored.astype(np.float64) * scale + offset
+        stored = np.rint(apply_voi_lut(values, ds, index=0, prefer_lut=True))
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) if "VOILUTSequence" in ds else int(ds.get("BitsStored", 16))
+        return stored, 1.0, 0.0, 0.0, float(2 ** bits - 1)
+    return stored, scale, offset, None, None
+
+
 def read_dicom(data: bytes, where: str, frames: str | None = None, use_own_window: bool = True) -> DicomImage:
     """Decode one DICOM file (see the module docstring).
 
@@ -154,22 +175,7 @@ def read_dicom(data: bytes, where: str, frames: str | None = None, use_own_windo
         scale, offset = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     window_low = window_high = None
     if use_own_window:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        if "WindowCenter" in ds and "WindowWidth" in ds and function in ("LINEAR", "LINEAR_EXACT"):
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            if function == "LINEAR":
-                window_low, window_high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-            else:
-                window_low, window_high = center - width / 2, center + width / 2
-        elif "VOILUTSequence" in ds or ("WindowCenter" in ds and function == "SIGMOID"):
-            values = stored.astype(np.float64) * scale + offset
-            stored = np.rint(apply_voi_lut(values, ds, index=0, prefer_lut=True))
-            scale, offset = 1.0, 0.0
-            if "VOILUTSequence" in ds:
-                bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-            else:
-                bits = int(ds.get("BitsStored", 16))
-            window_low, window_high = 0.0, float(2 ** bits - 1)
+        stored, scale, offset, window_low, window_high = _own_window(ds, stored, scale, offset, apply_voi_lut)
     stored = np.asarray(stored)
     if stored.min(initial=0) < 0:
         if stored.min() < -_SIGNED_SHIFT or stored.max() >= _SIGNED_SHIFT:

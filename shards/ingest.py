@@ -320,6 +320,17 @@ def assign_splits(records: list[Record], class_names: list[str], val: float, tes
     return out
 
 
+def shuffled_within_splits(records: list[Record], seed: int) -> list[Record]:
+    """The records split by split (train, val, test), each split shuffled by ``seed``: every shard
+    then mixes classes."""
+    rng = np.random.default_rng(seed + 1)
+    ordered: list[Record] = []
+    for split in SPLITS:
+        group = [r for r in records if r.split == split]
+        ordered += [group[i] for i in rng.permutation(len(group))]
+    return ordered
+
+
 def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, test: float = 0.2,
            seed: int = 0, classes: list[str] | None = None, small_classes: str = "error",
            shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
@@ -342,12 +353,7 @@ def ingest(input_uri: str, output: str, *, fmt: str = "auto", val: float = 0.1, 
     records = scanned.records
     if not scanned.given_splits:
         records = assign_splits(records, scanned.class_names, val, test, seed, small_classes)
-    # Shuffle within each split (by seed) so every shard mixes classes.
-    rng = np.random.default_rng(seed + 1)
-    ordered: list[Record] = []
-    for split in SPLITS:
-        group = [r for r in records if r.split == split]
-        ordered += [group[i] for i in rng.permutation(len(group))]
+    ordered = shuffled_within_splits(records, seed)
     # Where a file's errors point: the folder itself, or the CSV's folder.
     base_uri = input_uri if scanned.fmt == "folder" else input_uri.rsplit("/", 1)[0]
     writer = ShardWriter(output, scanned.class_names, shard_bytes, overwrite)
