@@ -11,11 +11,10 @@ The command line only: the work is done by ``ray_jobs.sweeps.comparison``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import add_config_flags, add_verbose_flag, parser, run_main
+from ray_jobs.runtime.cli import add_config_flags, add_verbose_flag, config_or_print, parser, run_main
 from ray_jobs.sweeps.comparison import RUNS_FILE, TABLE_CSV, TABLE_MD, compare
 from ray_jobs.sweeps.config import CompareConfig
 from shards import storage
@@ -50,12 +49,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.print_schema:
-        print(json.dumps(config_lib.json_schema(CompareConfig), indent=2))
-        return 0
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(config_lib.dump_yaml(cfg), end="")
+    cfg = config_or_print(args, CompareConfig, config_from_args)
+    if cfg is None:
         return 0
     result = compare(cfg, resume=args.resume)
     print(f"table: {storage.join(result['uri'], TABLE_MD)} (CSV: {TABLE_CSV}; per run: {RUNS_FILE})")

@@ -23,7 +23,8 @@ import sys
 
 from ray_jobs.gcgan.config import GanConfig
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import HelpWithDefaults, add_config_flags, add_run_flags, add_verbose_flag, parser, run_main
+from ray_jobs.runtime.cli import (HelpWithDefaults, add_config_flags, add_run_flags, add_verbose_flag, config_or_print,
+                                  parser, run_main)
 from ray_jobs.runtime.run_dir import RESULT_FILE
 from shards import storage
 
@@ -108,12 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from ray_jobs.gcgan.driver import fit_classes
 
-        if args.print_schema:
-            print(json.dumps(config_lib.json_schema(GanConfig), indent=2))
-            return 0
-        cfg = config_from_args(args)
-        if args.print_config:
-            print(config_lib.dump_yaml(cfg), end="")
+        cfg = config_or_print(args, GanConfig, config_from_args)
+        if cfg is None:
             return 0
         summary = fit_classes(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
         print(json.dumps({"checkpoint": summary["checkpoint"],

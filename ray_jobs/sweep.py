@@ -10,11 +10,10 @@ The command line only: the work is done by ``ray_jobs.sweeps.search``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import add_config_flags, add_verbose_flag, parser, run_main
+from ray_jobs.runtime.cli import add_config_flags, add_verbose_flag, config_or_print, parser, run_main
 from ray_jobs.sweeps.config import SweepConfig
 from ray_jobs.sweeps.search import TRIALS_FILE, sweep
 from shards import storage
@@ -48,12 +47,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.print_schema:
-        print(json.dumps(config_lib.json_schema(SweepConfig), indent=2))
-        return 0
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(config_lib.dump_yaml(cfg), end="")
+    cfg = config_or_print(args, SweepConfig, config_from_args)
+    if cfg is None:
         return 0
     result = sweep(cfg, resume=args.resume)
     print(f"trials: {storage.join(result['uri'], TRIALS_FILE)}")

@@ -15,7 +15,7 @@ import sys
 from ray_jobs.classifier.config import TrainConfig
 from ray_jobs.classifier.driver import fit, run_dir
 from ray_jobs.runtime import configs as config_lib
-from ray_jobs.runtime.cli import add_config_flags, add_run_flags, parser, run_main
+from ray_jobs.runtime.cli import add_config_flags, add_run_flags, config_or_print, parser, run_main
 from ray_jobs.runtime.run_dir import RESULT_FILE
 from shards import storage
 
@@ -58,12 +58,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.print_schema:
-        print(json.dumps(config_lib.json_schema(TrainConfig), indent=2))
-        return 0
-    cfg = config_from_args(args)
-    if args.print_config:
-        print(config_lib.dump_yaml(cfg), end="")
+    cfg = config_or_print(args, TrainConfig, config_from_args)
+    if cfg is None:
         return 0
     summary = fit(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
     print(json.dumps({k: summary[k] for k in ("best_checkpoint", "epochs", "best_metrics")}, indent=2, default=float))

@@ -7,12 +7,13 @@ turning project errors into one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import threading
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 from medbalance.errors import MedbalanceError
 
@@ -121,6 +122,21 @@ def _exit_even_if_shutdown_hangs(code: int) -> None:
     timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(code,))
     timer.daemon = True
     timer.start()
+
+
+def config_or_print(args: argparse.Namespace, cls: type, build: Callable[[argparse.Namespace], Any]):
+    """The job's config built from its flags by ``build``, or None when ``--print-schema`` or
+    ``--print-config`` (:func:`add_config_flags`) only asked to see it (printed here)."""
+    from ray_jobs.runtime import configs
+
+    if args.print_schema:
+        print(json.dumps(configs.json_schema(cls), indent=2))
+        return None
+    cfg = build(args)
+    if args.print_config:
+        print(configs.dump_yaml(cfg), end="")
+        return None
+    return cfg
 
 
 def add_run_flags(p) -> None:
