@@ -86,7 +86,7 @@ def autoscaling_cluster(tmp_path):
 # task holding one GPU and the planned CPUs (the fake nodes' GPUs are resources only, no device).
 GPU_SWEEP_JOB = """
 import json, ray
-from ray_jobs.ray_runtime import init_ray
+from ray_jobs.runtime.ray_setup import init_ray
 from ray_jobs.runtime.resources import plan_trials
 init_ray()
 concurrent, cpus = plan_trials(num_workers=1, use_gpu=True, trials=2)

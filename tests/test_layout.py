@@ -96,3 +96,16 @@ def test_the_top_of_ray_jobs_holds_only_the_jobs():
     top = sorted(p.stem for p in (REPO / "ray_jobs").glob("*.py") if p.stem != "__init__")
     assert set(top) - {"__main__"} == JOBS, top   # __main__: the `medbalance <job>` dispatcher
     assert len(top) <= 10
+
+
+def test_every_import_of_the_project_names_a_module_that_exists():
+    """Function-local imports included: a moved module leaves no import of its old name behind."""
+    modules = project_modules()
+    missing = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            missing += [f"{path.relative_to(REPO)}:{node.lineno} imports {t}" for t in targets
+                        if t.split(".")[0] in PACKAGES and t not in modules]
+    assert not missing, "\n".join(missing)

@@ -184,7 +184,7 @@ def cluster_resources(need: list[dict], want: list[dict] | None = None,
         timeout = float(os.environ.get("MEDBALANCE_SCALE_UP_TIMEOUT_S", SCALE_UP_TIMEOUT_S))
     from ray.autoscaler.sdk import request_resources
 
-    from ray_jobs.progress import say
+    from ray_jobs.runtime.progress import say
 
     request_resources(bundles=want)
     _withdraw_at_exit()
