@@ -64,6 +64,7 @@ class ShardWriter:
         self.remove_unlisted = overwrite
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         self.run_dir = f"{SHARD_DIR_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
+        self._switching = self._published = False   # publish(): writing the manifest / written
         self.shards: list[ShardInfo] = []
         self.counts = {s: {c: 0 for c in self.class_names} for s in SPLITS}
         self.synthetic_counts = {c: 0 for c in self.class_names}  # train only
@@ -173,9 +174,11 @@ class ShardWriter:
         protect = referenced_files(manifest, self.output)
         for entry in doomed:
             tree.target(entry, where, protect)
+        self._switching = True
         storage.write_bytes_atomic(self.fs, f"{self.root}/{MANIFEST_NAME}",
                                    manifest.to_json().encode("utf-8"),
                                    storage.join(self.output, MANIFEST_NAME))
+        self._published = True   # from here on the new shards are the dataset: abort() keeps them
         tree.delete(doomed, where=where, protect=protect)
         return manifest
 
@@ -193,5 +196,25 @@ class ShardWriter:
         return sorted(d for d in old if d != self.run_dir and d.startswith(SHARD_DIR_PREFIX))
 
     def abort(self) -> None:
-        """Remove every shard this writer wrote; the output is left as it was found."""
+        """Remove every shard this writer wrote; the output is left as it was found.
+
+        Once the new manifest is written (:meth:`publish`), the new shards are the dataset and are
+        kept. If the manifest write itself failed in an ambiguous way (an object store that
+        stored the object but timed out answering, a signal inside the rename), the manifest
+        on disk decides: the shards are kept if it lists them or cannot be read.
+        """
+        if self._published or (self._switching and self._listed_now()):
+            logger.warning("%s: the new manifest is in place; its shards are kept", self.output)
+            return
         OutputTree(self.fs, self.root, self.output).discard([self.run_dir])
+
+    def _listed_now(self) -> bool:
+        """True when the manifest at the output lists this writer's shards, or cannot be read."""
+        path = f"{self.root}/{MANIFEST_NAME}"
+        try:
+            if not storage.exists(self.fs, path, self.output):
+                return False
+            manifest = Manifest.from_json(storage.read_bytes(self.fs, path, self.output).decode("utf-8"))
+        except Exception:  # noqa: BLE001 (unreadable: keep the shards, a person decides)
+            return True
+        return any(s.path.split("/", 1)[0] == self.run_dir for s in manifest.shards if not s.dataset)

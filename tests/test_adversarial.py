@@ -384,3 +384,48 @@ def test_ray_startup_timeout_is_one_line_with_advice():
     assert "did not start in time" in problem and "free the machine" in problem and "\n" not in problem
     assert "RAY_ADDRESS=1.2.3.4:6379" in start_failure(ConnectionError("refused"), "1.2.3.4:6379")
     assert start_failure(ValueError("something else"), None) is None
+
+
+# ----------------------------------------------------------------------------- after the switch-over
+def test_a_failure_after_the_manifest_is_written_keeps_the_new_dataset(tiny_npz, base, tmp_path, monkeypatch):
+    """An object store that stores the manifest but times out answering (or a signal after the
+    rename): abort() must not delete the shards the manifest on disk now lists."""
+    from shards import storage as storage_module
+    from shards.writer import ShardWriter
+
+    real_write = storage_module.write_bytes_atomic
+
+    def write_then_fail(fs, path, data, uri):
+        real_write(fs, path, data, uri)
+        if path.endswith("manifest.json"):
+            raise TimeoutError("the PUT landed but the answer timed out")
+
+    writer = ShardWriter(str(tmp_path / "out"), CLASSES)
+    writer.add({"image": b"\x89PNG", "height": 1, "width": 1, "channels": 3, "label": 0, "split": "train",
+                "source": "a.png", "synthetic": False, "sha256": "0" * 64})
+    monkeypatch.setattr(storage_module, "write_bytes_atomic", write_then_fail)
+    with pytest.raises(TimeoutError):
+        writer.publish({})
+    writer.abort()
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert all((tmp_path / "out" / s.path).exists() for s in manifest.shards)
+
+
+def test_success_json_may_list_only_prediction_files():
+    from ray_jobs.classifier.prediction import _success_files
+
+    assert _success_files({"files": ["predictions-1/part-0.parquet"]}, "o/_SUCCESS.json") == ["predictions-1/part-0.parquet"]
+    for entry in ("_SUCCESS.json", "report.csv", "predictions-1", "other/x.parquet"):
+        with pytest.raises(UnsafeDeletion, match="nothing was deleted"):
+            _success_files({"files": [entry]}, "o/_SUCCESS.json")
+
+
+@pytest.mark.ray
+def test_sigterm_handling_survives_ray_init(ray_cluster):
+    """ray.init installs its own SIGTERM handler; the job's (clean-up, exit 143) is put back."""
+    code = ("import signal\nfrom ray_jobs.runtime import cli\nfrom ray_jobs.runtime.ray_setup import init_ray\n"
+            "signal.signal(signal.SIGTERM, cli._on_sigterm)\ninit_ray()\n"
+            "print(signal.getsignal(signal.SIGTERM) is cli._on_sigterm)\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]

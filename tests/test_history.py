@@ -72,3 +72,12 @@ def test_gan_curves_and_a_damaged_file_starts_over(tmp_path):
         history.append({"iteration": it, "loss_d": 1.0 / it, "loss_d_real": 0.5, "loss_d_fake": 0.5, "loss_g": 2.0,
                         "iterations_per_s": 3.0})
     assert history.columns()[0] == "iteration" and (tmp_path / "gan" / "Monocyte" / CURVES_FILE).stat().st_size > 5000
+
+
+def test_rows_with_different_metrics_survive_a_resume(tmp_path):
+    run = str(tmp_path / "r")
+    history = RunHistory(run, "epoch")
+    history.append({"epoch": 0, "train_loss": 1.0, "flag": True})
+    history.append({"epoch": 1, "train_loss": 0.8, "val_auc_macro": 0.7})   # a metric epoch 0 did not report
+    resumed = RunHistory(run, "epoch")
+    assert resumed.rows == [{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "train_loss": 0.8, "val_auc_macro": 0.7}]

@@ -61,16 +61,23 @@ def check_not_overlapping(input_uri: str, output: str) -> None:
 
 
 def _success_files(success, where: str) -> list[str]:
-    """The files a ``_SUCCESS.json`` lists, each checked as a path inside its folder.
+    """The files a ``_SUCCESS.json`` lists, each checked as a path inside its folder and inside a
+    ``predictions-*`` folder (the only thing a prediction run writes besides ``_SUCCESS.json``).
 
     Raises:
-        UnsafeDeletion: the file lists something that is not a relative path inside the folder.
+        UnsafeDeletion: the file lists something that is not a relative path inside the folder,
+            or not inside a ``predictions-*`` folder.
     """
     files = success.get("files") if isinstance(success, dict) else None
     if not isinstance(files, list):
         raise UnsafeDeletion(f"{where} is damaged (no list of files): nothing was deleted; check the folder by "
                              "hand and remove the file, or choose another --output")
-    return [relative_entry(f, where) for f in files]
+    checked = [relative_entry(f, where) for f in files]
+    foreign = [f for f in checked if "/" not in f or not f.startswith(VERSION_PREFIX)]
+    if foreign:
+        raise UnsafeDeletion(f"{where} lists {foreign[:3]}, which are not files of a {VERSION_PREFIX}* folder "
+                             "(the file was edited or damaged): nothing was deleted; check the folder by hand")
+    return checked
 
 
 def _previous_output(output: str, overwrite: bool) -> tuple[list[str], list[str]]:
@@ -114,6 +121,18 @@ def _previous_output(output: str, overwrite: bool) -> tuple[list[str], list[str]
                           "choose another --output")
     stale = sorted(n for n in names if n.startswith(VERSION_PREFIX) and n not in listed)
     return files, stale
+
+
+def _listed_now(fs, path: str, output: str, version: str) -> bool:
+    """True when the ``_SUCCESS.json`` at ``output`` lists ``version``'s files, or cannot be read
+    (then the files are kept and a person decides)."""
+    try:
+        if not storage.exists(fs, f"{path}/{SUCCESS}", output):
+            return False
+        listed = json.loads(storage.read_bytes(fs, f"{path}/{SUCCESS}", output)).get("files", [])
+    except Exception:  # noqa: BLE001
+        return True
+    return any(isinstance(f, str) and f.split("/", 1)[0] == version for f in listed)
 
 
 def _replaced(files: list[str], stale: list[str], keep: str) -> list[str]:
@@ -315,7 +334,8 @@ def predict(checkpoint: str, input_uri: str, output: str, *, split: str | None =
                    "temperature_source": temperature_source, "seconds": round(time.perf_counter() - started, 2)}
         storage.write_bytes_atomic(out_fs, f"{out_path}/{SUCCESS}", json.dumps(success, indent=2).encode(), output)
     except BaseException:
-        tree.discard([version])
+        if not _listed_now(out_fs, out_path, output, version):   # an ambiguous write may have landed
+            tree.discard([version])
         raise
     tree.delete(_replaced(previous_files, stale, keep=version), where=storage.join(output, SUCCESS))
     return success

@@ -58,8 +58,8 @@ class RunHistory:
         text = storage.read_bytes(self.fs, path, self.uri).decode("utf-8", errors="replace")
         rows = []
         for row in csv.DictReader(io.StringIO(text)):
-            try:
-                rows.append({k: _number(v) for k, v in row.items() if k})
+            try:   # a cell a row did not report is empty: left out, not a reason to drop the curve
+                rows.append({k: _number(v) for k, v in row.items() if k and v not in ("", None)})
             except ValueError:
                 return []  # not ours or damaged: start the curve again
         return rows
@@ -69,7 +69,7 @@ class RunHistory:
         are replaced) and rewrite the three files."""
         now = metrics[self.clock]
         self.rows = [r for r in self.rows if r.get(self.clock, -1) < now]
-        self.rows.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self.rows.append({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         self._write(METRICS_FILE, self._csv())
         self._write(f"{TENSORBOARD_DIR}/{EVENTS_FILE}", self._events())
         self._write(CURVES_FILE, self._png())

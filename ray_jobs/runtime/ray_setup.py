@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 from medbalance.errors import ClusterError
 
@@ -151,6 +153,9 @@ def init_ray() -> None:
     if address is None and not _VERBOSE:
         auth_logger.setLevel(logging.ERROR)  # "Token authentication is enabled ... to opt out"
     dashboard = {} if address else _embedded_dashboard()
+    # ray.init installs its own SIGTERM handler (sys.exit(15)) in the driver; the job's own
+    # (runtime.cli: clean-up, exit status 143, the exit watchdog) is put back afterwards.
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         ray.init(address=address, log_to_driver=True, **dashboard,
                  logging_level=logging.INFO if _VERBOSE else logging.WARNING,
@@ -162,9 +167,12 @@ def init_ray() -> None:
         problem = start_failure(exc, address)
         if problem is None:
             raise
+        ray.shutdown()   # a half-started local Ray (its GCS or raylet) is not left running
         raise ClusterError(problem) from exc
     finally:
         auth_logger.setLevel(level)
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def start_failure(exc: BaseException, address: str | None) -> str | None:

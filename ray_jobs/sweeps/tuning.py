@@ -107,7 +107,7 @@ def _epoch_report_callback():
 def asha(metric: str, mode: str, max_epochs: int, grace_period: int, reduction_factor: float, state_uri: str):
     """Ray Tune's ASHA on :data:`CLOCK`, with three changes.
 
-    * A trial at its last epoch is never stopped. Tune stops a trial by ending its actor; at the
+    * A trial at its last epoch (its own ``epochs`` where the space searches it) is never stopped. Tune stops a trial by ending its actor; at the
       last epoch the trial is about to end by itself, and letting it do so lets ``fit`` write the
       run's ``result.json`` and Ray Train remove the run's placement group at once (a trial ASHA
       stops earlier leaves that to Ray Train's ``PlacementGroupCleaner``).
@@ -151,7 +151,7 @@ def asha(metric: str, mode: str, max_epochs: int, grace_period: int, reduction_f
         def on_trial_result(self, tune_controller, trial, result):
             self._load()
             decision = super().on_trial_result(tune_controller, trial, result)
-            if result.get(CLOCK, 0) >= max_epochs:
+            if result.get(CLOCK, 0) >= int(trial.config.get("epochs", max_epochs)):   # its own last epoch
                 decision = TrialScheduler.CONTINUE
             if decision == TrialScheduler.STOP:
                 self._stopped.add(trial.trial_id)
