@@ -71,8 +71,11 @@ def write_sweep(path: Path, data: str, **over) -> str:
     good, bad = 0.003, 1e-6
     doc = {"name": "s", "trials": 4, "seed": 0, "max_concurrent_trials": 2, "status_interval": 30,
            "metric": "train_loss", "mode": "min",
-           "space": {"optim.lr": {"type": "loguniform", "low": 1e-6, "high": 0.5}},
-           "points_to_evaluate": [{"optim.lr": good}, {"optim.lr": bad}, {"optim.lr": NAN_LR}, {"optim.lr": bad}],
+           # Two parameters (as before the NaN hook left the space): Optuna's parallel-coordinate and
+           # importance plots need two; the CWS weight stays at its default in every point.
+           "space": {"optim.lr": {"type": "loguniform", "low": 1e-6, "high": 0.5},
+                     "loss_params.weight": {"type": "uniform", "low": 0.5, "high": 2.0}},
+           "points_to_evaluate": [{"optim.lr": lr, "loss_params.weight": 1.0} for lr in (good, bad, NAN_LR, bad)],
            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
            "base": {**BASE, "data": {**BASE["data"], "uri": data}}}
     config_lib.merge(doc, over)
