@@ -111,6 +111,7 @@ class RunHistory:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         panels = [(t, y, [m for m in ms if any(m in r for r in self.rows)]) for t, y, ms in self.panels]
         panels = [p for p in panels if p[2]] or [("(no metric)", "", [])]
@@ -122,6 +123,7 @@ class RunHistory:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=metric)
             ax.set_title(title)
             ax.set_xlabel(self.clock)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs and iterations are whole
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if metrics:
