@@ -296,18 +296,26 @@ def retina_npz() -> Path:
 FAULT_CLASSES = ["0", "1", "2", "3", "4"]
 
 
+def retina_subset(retina_npz: Path, path: Path, per_class: dict[str, int], imbalanced: bool = False) -> Path:
+    """Write the first images of every class of the bundled RetinaMNIST to ``path`` (.npz):
+    ``per_class[split]`` of each class, or with ``imbalanced`` ``per_class[split] >> class`` (at
+    least 2), so class c has about half the images of class c - 1."""
+    npz = np.load(retina_npz)
+    arrays = {}
+    for split, count in per_class.items():
+        labels = npz[f"{split}_labels"][:, 0]
+        keep = np.concatenate([np.flatnonzero(labels == c)[:max(2, count >> c) if imbalanced else count]
+                               for c in range(5)])
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = npz[f"{split}_images"][keep], npz[f"{split}_labels"][keep]
+    np.savez(path, **arrays)
+    return path
+
+
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory, retina_npz) -> Path:
     """RetinaMNIST, a few images of every class in every split."""
-    npz = np.load(retina_npz)
-    arrays = {}
-    for split, per_class in (("train", 12), ("val", 4), ("test", 4)):
-        labels = npz[f"{split}_labels"][:, 0]
-        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(5)])
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = npz[f"{split}_images"][keep], npz[f"{split}_labels"][keep]
-    path = tmp_path_factory.mktemp("safety") / "small.npz"
-    np.savez(path, **arrays)
-    return path
+    return retina_subset(retina_npz, tmp_path_factory.mktemp("safety") / "small.npz",
+                         {"train": 12, "val": 4, "test": 4})
 
 
 @pytest.fixture

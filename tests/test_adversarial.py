@@ -60,23 +60,9 @@ def one_error_line(out: subprocess.CompletedProcess, *words: str) -> None:
     assert len(errors) == 1 and all(w in errors[0] for w in words), out.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory) -> Path:
-    """5 classes of 16x16 colours, a few per split."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, per_class in (("train", 6), ("val", 2), ("test", 2)):
-        labels = np.repeat(np.arange(5), per_class)
-        arrays[f"{split}_images"] = rng.integers(0, 255, (len(labels), 16, 16, 3), dtype=np.uint8)
-        arrays[f"{split}_labels"] = labels[:, None]
-    path = tmp_path_factory.mktemp("adversarial") / "tiny.npz"
-    np.savez(path, **arrays)
-    return path
-
-
 @pytest.fixture
-def base(tiny_npz, tmp_path) -> Path:
-    ingest(str(tiny_npz), str(tmp_path / "base"), workers=1)
+def base(small_npz, tmp_path) -> Path:
+    ingest(str(small_npz), str(tmp_path / "base"), workers=1)
     return tmp_path / "base"
 
 
@@ -156,7 +142,7 @@ def test_check_outside_sees_through_paths_and_links(tmp_path, how):
 
 
 # ----------------------------------------------------------------------------- ingest --overwrite
-def test_ingest_overwrite_refuses_a_manifest_path_out_of_the_dataset(tiny_npz, base, tmp_path):
+def test_ingest_overwrite_refuses_a_manifest_path_out_of_the_dataset(small_npz, base, tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "x").write_text("a sibling's data")
@@ -165,18 +151,18 @@ def test_ingest_overwrite_refuses_a_manifest_path_out_of_the_dataset(tiny_npz, b
     (base / "manifest.json").write_text(json.dumps(manifest))
     before = checksums(tmp_path)
     with pytest.raises(UnsafeDeletion, match=r"\.\./victim/x"):
-        ingest(str(tiny_npz), str(base), workers=1, overwrite=True)
+        ingest(str(small_npz), str(base), workers=1, overwrite=True)
     assert checksums(tmp_path) == before, "a refused overwrite must leave everything as it was"
 
 
-def test_ingest_overwrite_never_follows_a_shard_folder_symlink_out(tiny_npz, base, tmp_path):
+def test_ingest_overwrite_never_follows_a_shard_folder_symlink_out(small_npz, base, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "train-00000.parquet").write_text("not ours")
     (base / "shards-evil").symlink_to(outside)          # an unlisted shards-* folder that is a link
     before = checksums(tmp_path)
     with pytest.raises(UnsafeDeletion, match="shards-evil"):
-        ingest(str(tiny_npz), str(base), workers=1, overwrite=True)
+        ingest(str(small_npz), str(base), workers=1, overwrite=True)
     assert checksums(tmp_path) == before
 
 
@@ -229,14 +215,14 @@ def test_predict_overwrite_refuses_success_entries_out_of_the_output(ray_cluster
 
 @pytest.mark.parametrize("job, flag", [("ray_jobs.predict", "--output"), ("ray_jobs.evaluate", "--out"),
                                        ("ray_jobs.train", "--storage"), ("ray_jobs.prepare", "--output")])
-def test_a_file_given_as_a_folder_is_one_line(classifier_checkpoint, tiny_npz, base, tmp_path, job, flag):
+def test_a_file_given_as_a_folder_is_one_line(classifier_checkpoint, small_npz, base, tmp_path, job, flag):
     afile = tmp_path / "a-file"
     afile.write_text("mine")
     target = str(afile / "sub") if job == "ray_jobs.train" else str(afile)
     args = {"ray_jobs.predict": ["--checkpoint", classifier_checkpoint, "--input", str(base), "--output", target],
             "ray_jobs.evaluate": ["--checkpoint", classifier_checkpoint, "--data", str(base), "--out", target],
             "ray_jobs.train": ["--data", str(base), "--storage", target, "--epochs", "1"],
-            "ray_jobs.prepare": ["--input", str(tiny_npz), "--output", target]}[job]
+            "ray_jobs.prepare": ["--input", str(small_npz), "--output", target]}[job]
     out = run_job(job, *args)
     one_error_line(out, flag, "file")
     assert afile.read_text() == "mine"
@@ -387,7 +373,7 @@ def test_ray_startup_timeout_is_one_line_with_advice():
 
 
 # ----------------------------------------------------------------------------- after the switch-over
-def test_a_failure_after_the_manifest_is_written_keeps_the_new_dataset(tiny_npz, base, tmp_path, monkeypatch):
+def test_a_failure_after_the_manifest_is_written_keeps_the_new_dataset(small_npz, base, tmp_path, monkeypatch):
     """An object store that stores the manifest but times out answering (or a signal after the
     rename): abort() must not delete the shards the manifest on disk now lists."""
     from shards import storage as storage_module

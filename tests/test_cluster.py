@@ -21,13 +21,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
 from ray_jobs.runtime.faults import ENV as FAULTS_ENV
 
-from conftest import PLANTED_KEY, PLANTED_SECRET, RAY_NODE_STOP_S, REPO, SeaweedFS, free_port, free_port_with_grpc, run_ray_job_submit, stop_process_groups
+from conftest import (PLANTED_KEY, PLANTED_SECRET, RAY_NODE_STOP_S, REPO, SeaweedFS, free_port, free_port_with_grpc,
+                      retina_subset, run_ray_job_submit, stop_process_groups)
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -36,15 +36,8 @@ RUNTIME_ENV = {"excludes": [".git", ".venv", "data", "runs", "*.parquet", "*.npz
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory, retina_npz) -> Path:
-    npz = np.load(retina_npz)
-    arrays = {}
-    for split, per_class in (("train", 16), ("val", 4), ("test", 4)):
-        labels = npz[f"{split}_labels"][:, 0]
-        keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(5)])
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = npz[f"{split}_images"][keep], npz[f"{split}_labels"][keep]
-    path = tmp_path_factory.mktemp("cluster") / "tiny.npz"
-    np.savez(path, **arrays)
-    return path
+    return retina_subset(retina_npz, tmp_path_factory.mktemp("cluster") / "tiny.npz",
+                         {"train": 16, "val": 4, "test": 4})
 
 
 @pytest.fixture(scope="module")

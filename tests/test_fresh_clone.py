@@ -1,7 +1,7 @@
 """A user's first run: a fresh clone with nothing beside it runs the demo, and its output is ours.
 
-The clone is made from the committed tree (``git clone`` of this checkout) into a temporary folder
-that has no ``../shared`` next to it; the demo runs there on its own embedded Ray, as after
+The clone is made from the committed tree (``git clone`` of this checkout) into an empty temporary
+folder, so it reads nothing outside the checkout; the demo runs there on its own embedded Ray, as after
 ``make demo``, with one short epoch.
 """
 from __future__ import annotations

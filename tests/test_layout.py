@@ -55,14 +55,15 @@ def test_no_import_circles():
     edges = graph()
     state: dict[str, int] = {}
     stack: list[str] = []
+    circles: list[str] = []
 
     def visit(node: str) -> None:
         state[node] = 1
         stack.append(node)
-        for nxt in edges[node]:
+        for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
-            if nxt not in state:
+                circles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
                 visit(nxt)
         stack.pop()
         state[node] = 2
@@ -70,6 +71,7 @@ def test_no_import_circles():
     for node in sorted(edges):
         if node not in state:
             visit(node)
+    assert not circles, "import circles:\n" + "\n".join(circles)
 
 
 def test_layers_import_downwards_and_no_job_imports_a_job():

@@ -25,7 +25,7 @@ from ray_jobs.runtime import configs as config_lib
 from ray_jobs.runtime.checkpoint import load_checkpoint, model_from_checkpoint
 from shards import ingest, read_manifest
 
-from conftest import kill_driver_after_checkpoint
+from conftest import kill_driver_after_checkpoint, retina_subset
 
 pytestmark = pytest.mark.ray
 REPORT_KEYS = {"accuracy", "macro_f1", "balanced_accuracy", "ece", "mce", "brier", "auc_macro", "g_mean",
@@ -35,14 +35,8 @@ REPORT_KEYS = {"accuracy", "macro_f1", "balanced_accuracy", "ece", "mce", "brier
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory, retina_npz) -> str:
     """RetinaMNIST, 5 classes, imbalanced: up to 24/6/6 per class for train/val/test."""
-    npz = np.load(retina_npz)
-    arrays = {}
-    for split, per_class in (("train", 24), ("val", 6), ("test", 6)):
-        labels = npz[f"{split}_labels"][:, 0]
-        keep = np.concatenate([np.flatnonzero(labels == c)[: max(2, per_class >> c)] for c in range(5)])
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = npz[f"{split}_images"][keep], npz[f"{split}_labels"][keep]
     root = tmp_path_factory.mktemp("tiny")
-    np.savez(root / "tiny.npz", **arrays)
+    retina_subset(retina_npz, root / "tiny.npz", {"train": 24, "val": 6, "test": 6}, imbalanced=True)
     uri = str(root / "shards")
     ingest(str(root / "tiny.npz"), uri, workers=1)
     return uri
